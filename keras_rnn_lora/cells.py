@@ -1,0 +1,593 @@
+"""LoRA recurrent cells: `LoRASimpleRNNCell`, `LoRAGRUCell`, `LoRALSTMCell`.
+
+Each cell subclasses its public Keras cell, freezes the targeted kernel(s) and
+adds a trainable low-rank pair `(A, B)` whose scaled product is the update:
+
+    h_{t-1} @ W_hh   becomes   h_{t-1} @ W_hh + s * (h_{t-1} @ A) @ B
+
+The step stays factored, so it costs O(units * rank) extra per step and the
+backward pass never forms a full-size gradient for the frozen kernel.
+"""
+
+import keras
+import numpy as np
+from keras import initializers
+from keras import ops
+from keras import tree
+
+from keras_rnn_lora import lora
+
+_REFERENCES = """
+    Reference:
+        - [Hu et al., 2021. LoRA: Low-Rank Adaptation of Large Language
+          Models](https://arxiv.org/abs/2106.09685)
+        - "Parameter-Efficient Learning of RNN using LoRA" (the two-stage
+          pre-train / LoRA-update protocol this library reproduces)
+"""
+
+_LORA_ARGS_DOC = """
+        rank: int, the rank `r` of the update, `1 <= rank <= units`.
+        lora_alpha: float > 0, the LoRA alpha. Defaults to `rank` (scale 1).
+        use_rslora: bool, default `False`: scale by `lora_alpha / rank`;
+            `True`: by `lora_alpha / sqrt(rank)` (rank-stabilised LoRA).
+        lora_dropout: float in `[0, 1)`, default 0. Dropout on the input of
+            the LoRA branch, in training only. As with Keras' own RNN
+            dropout, one mask is drawn per sequence and reused at every step.
+        lora_targets: which kernels get a LoRA update, from
+            `("kernel", "recurrent")`. Defaults to `("recurrent",)`: the
+            hidden-state matrix only.
+        lora_a_initializer: initializer for the `A` factors. Default
+            `"he_uniform"`.
+        lora_b_initializer: initializer for the `B` factors. Default
+            `"zeros"`, so a fresh adapter leaves the outputs unchanged.
+        lora_merged: bool, default `False`. Whether the cell starts merged
+            (set by `get_config` so the merged state survives saving).
+"""
+
+
+def _lora_docstring(cls):
+    """Fills the `{lora_args}` and `{references}` slots of a docstring."""
+    cls.__doc__ = cls.__doc__.replace(
+        "{lora_args}", _LORA_ARGS_DOC.strip()
+    ).replace("{references}", _REFERENCES.strip())
+    return cls
+
+
+class _LoRACellMixin:
+    """The LoRA machinery shared by the three cells.
+
+    Subclasses set `_keras_cell` (the stock parent class) and `_gates` (how
+    many `units`-wide blocks the kernels hold), and write `call` in terms of
+    `_project`, the LoRA-aware matmul.
+    """
+
+    _keras_cell = None
+    _gates = 1
+
+    def __init__(
+        self,
+        units,
+        rank,
+        lora_alpha=None,
+        use_rslora=False,
+        lora_dropout=0.0,
+        lora_targets=("recurrent",),
+        lora_a_initializer="he_uniform",
+        lora_b_initializer="zeros",
+        lora_merged=False,
+        **kwargs,
+    ):
+        super().__init__(units, **kwargs)
+        self.rank = lora.validate_rank(rank, self.units)
+        self.lora_alpha = lora.validate_lora_alpha(lora_alpha, self.rank)
+        self.use_rslora = lora.validate_use_rslora(use_rslora)
+        self.lora_dropout = lora.validate_lora_dropout(lora_dropout)
+        self.lora_targets = lora.validate_lora_targets(lora_targets)
+        self.lora_a_initializer = initializers.get(lora_a_initializer)
+        self.lora_b_initializer = initializers.get(lora_b_initializer)
+        self.scaling = lora.lora_scaling(
+            self.rank, self.lora_alpha, self.use_rslora
+        )
+        self._lora_merged = bool(lora_merged)
+        # Target -> numpy copy of the kernel before `merge_lora`, so that
+        # `unmerge_lora` restores it bit for bit.
+        self._premerge_kernels = {}
+
+    # -- weights ---------------------------------------------------------
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        input_dim = input_shape[-1]
+        output_dim = self._gates * self.units
+        for target in self.lora_targets:
+            self._kernel(target).trainable = False
+            fan_in = input_dim if target == "kernel" else self.units
+            a, b = lora.add_lora_factors(
+                self, target, fan_in, output_dim, self.rank
+            )
+            prefix = f"lora_{lora.KERNEL_ATTRIBUTES[target]}"
+            setattr(self, f"{prefix}_a", a)
+            setattr(self, f"{prefix}_b", b)
+        if self._lora_merged:
+            self._set_factors_trainable(False)
+
+    def _kernel(self, target):
+        return getattr(self, lora.KERNEL_ATTRIBUTES[target])
+
+    def _factors(self, target):
+        prefix = f"lora_{lora.KERNEL_ATTRIBUTES[target]}"
+        return getattr(self, f"{prefix}_a"), getattr(self, f"{prefix}_b")
+
+    @property
+    def lora_weights(self):
+        """The LoRA factors, `[A, B]` per target in `lora_targets` order."""
+        if not self.built:
+            return []
+        return [w for t in self.lora_targets for w in self._factors(t)]
+
+    def _set_factors_trainable(self, trainable):
+        for weight in self.lora_weights:
+            weight.trainable = trainable
+
+    # -- the factored step -----------------------------------------------
+
+    def _project(self, target, x, gates=None, training=False):
+        """`x @ W[:, gates]` plus the LoRA term when `target` carries one.
+
+        `gates` is a `slice` over gate blocks (`slice(0, 2)`: the first two
+        gates) or `None` for all of them.
+        """
+        kernel = self._kernel(target)
+        columns = None
+        if gates is not None:
+            start, stop, _ = gates.indices(self._gates)
+            columns = slice(start * self.units, stop * self.units)
+            kernel = kernel[:, columns]
+        y = ops.matmul(x, kernel)
+        if self._lora_merged or target not in self.lora_targets:
+            return y
+        a, b = self._factors(target)
+        if training and self.lora_dropout > 0:
+            x = x * self._lora_dropout_mask(target, x)
+        low = ops.matmul(x, ops.cast(a, x.dtype)) * self.scaling
+        b = ops.cast(b, x.dtype)
+        if columns is not None:
+            b = b[:, columns]
+        return y + ops.matmul(low, b)
+
+    def _gate_projections(self, target, xs, training, gates=None):
+        """Projects per-gate inputs `xs` and returns one tensor per gate.
+
+        Keras' `implementation=1` (used with recurrent dropout) gives every
+        gate its own dropped-out input; otherwise all gates share one input
+        and a single matmul serves them all.
+        """
+        if all(x is xs[0] for x in xs):
+            merged = self._project(target, xs[0], gates, training)
+            return ops.split(merged, len(xs), axis=-1)
+        offset = 0 if gates is None else gates.indices(self._gates)[0]
+        return [
+            self._project(
+                target, x, slice(offset + i, offset + i + 1), training
+            )
+            for i, x in enumerate(xs)
+        ]
+
+    def _dropped_inputs(self, x, mask_fn, rate, training):
+        """`x` once per gate, each times its dropout mask when training."""
+        if not (training and 0.0 < rate < 1.0):
+            return [x] * self._gates
+        mask = mask_fn(x)
+        if isinstance(mask, (list, tuple)):
+            return [x * m for m in mask]
+        return [x * mask] * self._gates
+
+    # -- LoRA dropout masks, drawn once per sequence like Keras' own ------
+
+    def _lora_dropout_mask(self, target, x):
+        attribute = f"_lora_{target}_dropout_mask"
+        mask = getattr(self, attribute, None)
+        if mask is None:
+            mask = keras.random.dropout(
+                ops.ones_like(x),
+                rate=self.lora_dropout,
+                seed=self.seed_generator,
+            )
+            setattr(self, attribute, mask)
+        return mask
+
+    def _wants_lora_dropout(self, target):
+        return (
+            self.lora_dropout > 0
+            and target in self.lora_targets
+            and not self._lora_merged
+            and self.built
+        )
+
+    def get_dropout_mask(self, step_input):
+        if self._wants_lora_dropout("kernel"):
+            self._lora_dropout_mask("kernel", step_input)
+        return super().get_dropout_mask(step_input)
+
+    def get_recurrent_dropout_mask(self, step_input):
+        if self._wants_lora_dropout("recurrent"):
+            self._lora_dropout_mask("recurrent", step_input)
+        return super().get_recurrent_dropout_mask(step_input)
+
+    def reset_dropout_mask(self):
+        super().reset_dropout_mask()
+        self._lora_kernel_dropout_mask = None
+
+    def reset_recurrent_dropout_mask(self):
+        super().reset_recurrent_dropout_mask()
+        self._lora_recurrent_dropout_mask = None
+
+    # -- merging ---------------------------------------------------------
+
+    @property
+    def lora_merged(self):
+        """Whether `s * A @ B` is currently folded into the frozen kernels."""
+        return self._lora_merged
+
+    def _require_built(self, method):
+        if not self.built:
+            raise ValueError(
+                f"`{method}()` was called on the unbuilt cell "
+                f"'{self.name}': it has no weights yet. Build it first, "
+                "e.g. by calling the RNN layer that holds it on a batch, or "
+                "`cell.build((None, input_dim))`."
+            )
+
+    def merge_lora(self):
+        """Folds `s * A @ B` into each targeted kernel; the cell then runs
+        the plain parent step (no LoRA overhead). Idempotent.
+
+        The factors are kept (frozen while merged) and the pre-merge kernels
+        saved, so `unmerge_lora()` restores them exactly.
+        """
+        self._require_built("merge_lora")
+        if self._lora_merged:
+            return self
+        for target in self.lora_targets:
+            kernel = self._kernel(target)
+            a, b = self._factors(target)
+            before = np.array(ops.convert_to_numpy(kernel))
+            delta = lora.lora_delta(a, b, self.scaling)
+            kernel.assign(
+                ops.cast(ops.cast(before, "float32") + delta, kernel.dtype)
+            )
+            self._premerge_kernels[target] = before
+        self._lora_merged = True
+        self._set_factors_trainable(False)
+        return self
+
+    def unmerge_lora(self):
+        """Restores the kernels `merge_lora()` changed and the LoRA step.
+        Idempotent.
+
+        After a save/load round trip the exact pre-merge kernels are read
+        back from the file; without them (e.g. weights set by hand) the delta
+        is subtracted, which is exact up to float rounding.
+        """
+        self._require_built("unmerge_lora")
+        if not self._lora_merged:
+            return self
+        for target in self.lora_targets:
+            kernel = self._kernel(target)
+            before = self._premerge_kernels.pop(target, None)
+            if before is None:
+                a, b = self._factors(target)
+                delta = lora.lora_delta(a, b, self.scaling)
+                before = ops.cast(
+                    ops.cast(kernel, "float32") - delta, "float32"
+                )
+            kernel.assign(ops.cast(before, kernel.dtype))
+        self._lora_merged = False
+        self._set_factors_trainable(True)
+        return self
+
+    # -- saving ----------------------------------------------------------
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for target, kernel in self._premerge_kernels.items():
+            store[f"premerge_{lora.KERNEL_ATTRIBUTES[target]}"] = kernel
+
+    def load_own_variables(self, store):
+        """Loads this cell's weights, or only the stock weights when `store`
+        comes from the parent Keras cell (the factors then keep their
+        initial values)."""
+        keys = list(store.keys())
+        premerge = {
+            target: f"premerge_{attribute}"
+            for target, attribute in lora.KERNEL_ATTRIBUTES.items()
+        }
+        n_values = len([k for k in keys if not k.startswith("premerge_")])
+        all_vars = self._trainable_variables + self._non_trainable_variables
+        lora_vars = {id(w) for w in self.lora_weights}
+        base_vars = [v for v in all_vars if id(v) not in lora_vars]
+        if n_values == len(all_vars):
+            targets = all_vars
+        elif n_values == len(base_vars) and self.built:
+            targets = base_vars
+        else:
+            self._check_load_own_variables(store)
+            targets = all_vars
+        for i, variable in enumerate(targets):
+            variable.assign(store[f"{i}"])
+        self._premerge_kernels = {
+            target: np.array(store[key])
+            for target, key in premerge.items()
+            if key in keys and target in self.lora_targets
+        }
+
+    def get_config(self):
+        config = {
+            "rank": self.rank,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "lora_dropout": self.lora_dropout,
+            "lora_targets": list(self.lora_targets),
+            "lora_a_initializer": initializers.serialize(
+                self.lora_a_initializer
+            ),
+            "lora_b_initializer": initializers.serialize(
+                self.lora_b_initializer
+            ),
+            "lora_merged": self._lora_merged,
+        }
+        base_config = super().get_config()
+        return {**base_config, **config}
+
+    @classmethod
+    def from_cell(cls, cell, rank, **lora_kwargs):
+        """A LoRA cell with `cell`'s configuration and, if it is built, a copy
+        of its weights. Until `B` moves its outputs equal `cell`'s.
+
+        Args:
+            cell: a stock `keras.layers.{cls._keras_cell.__name__}`.
+            rank: the LoRA rank.
+            **lora_kwargs: any other LoRA argument of the cell.
+        """
+        if isinstance(cell, _LoRACellMixin):
+            raise ValueError(
+                f"`from_cell` expects a stock Keras cell, but '{cell.name}' "
+                f"is already a {type(cell).__name__}. Use it as it is."
+            )
+        if not isinstance(cell, cls._keras_cell):
+            raise ValueError(
+                f"Received an invalid value for `cell`, expected a "
+                f"keras.layers.{cls._keras_cell.__name__}. "
+                f"Received: cell={type(cell).__name__}"
+            )
+        lora_cell = cls(rank=rank, **cell.get_config(), **lora_kwargs)
+        if hasattr(cell, "implementation"):
+            lora_cell.implementation = cell.implementation
+            if cell.implementation == 1 and cls._gates > 1:
+                lora_cell.dropout_mask_count = cls._gates
+        if cell.built:
+            lora_cell.build((None, cell.kernel.shape[0]))
+            for name in ("kernel", "recurrent_kernel", "bias"):
+                source = getattr(cell, name, None)
+                if source is not None:
+                    # Copy through numpy: on JAX `assign(variable)` can share
+                    # one buffer, which `fit` then donates away.
+                    getattr(lora_cell, name).assign(
+                        np.array(ops.convert_to_numpy(source))
+                    )
+        return lora_cell
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+@_lora_docstring
+class LoRASimpleRNNCell(_LoRACellMixin, keras.layers.SimpleRNNCell):
+    """A `keras.layers.SimpleRNNCell` whose frozen kernels learn through LoRA.
+
+    The Elman step with a low-rank update on the recurrent kernel (and, with
+    `lora_targets=("kernel", "recurrent")`, on the input kernel too):
+
+        h_t = activation(x_t @ W + b + h_{t-1} @ W_hh
+                         + s * (h_{t-1} @ A) @ B)
+
+    with `A` of shape `(units, rank)`, `B` of shape `(rank, units)` and
+    `s = lora_alpha / rank` (`lora_alpha / sqrt(rank)` with rsLoRA).
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        {lora_args}
+        **kwargs: every other argument of `keras.layers.SimpleRNNCell`
+            (`activation`, `use_bias`, initializers, `dropout`,
+            `recurrent_dropout`, `seed`, ...), unchanged.
+
+    Call arguments:
+        sequence: A 2D tensor, with shape `(batch, features)`.
+        states: A 2D tensor with shape `(batch, units)`, the previous state.
+        training: Python boolean, whether dropout (and LoRA dropout) apply.
+
+    Example:
+
+    >>> cell = keras_rnn_lora.LoRASimpleRNNCell(32, rank=4)
+    >>> rnn = keras.layers.RNN(cell, return_sequences=True)
+    >>> rnn(np.zeros((2, 5, 8))).shape
+    (2, 5, 32)
+
+    {references}
+    """
+
+    _keras_cell = keras.layers.SimpleRNNCell
+    _gates = 1
+
+    def call(self, sequence, states, training=False):
+        if self._lora_merged:
+            return super().call(sequence, states, training=training)
+        prev_output = states[0] if isinstance(states, (list, tuple)) else states
+        [x] = self._dropped_inputs(
+            sequence, self.get_dropout_mask, self.dropout, training
+        )
+        [h] = self._dropped_inputs(
+            prev_output,
+            self.get_recurrent_dropout_mask,
+            self.recurrent_dropout,
+            training,
+        )
+        output = self._project("kernel", x, training=training)
+        if self.bias is not None:
+            output = ops.add(output, self.bias)
+        output = output + self._project("recurrent", h, training=training)
+        if self.activation is not None:
+            output = self.activation(output)
+        new_state = [output] if isinstance(states, (list, tuple)) else output
+        return output, new_state
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+@_lora_docstring
+class LoRAGRUCell(_LoRACellMixin, keras.layers.GRUCell):
+    """A `keras.layers.GRUCell` whose frozen kernels learn through LoRA.
+
+    The GRU step (gate layout `[z, r, h]`, as Keras) with a low-rank update
+    on the recurrent kernel:
+
+        [z, r, h]_rec = h_{t-1} @ W_hh + s * (h_{t-1} @ A) @ B
+
+    With `reset_after=False` the candidate block sees `r * h_{t-1}`, so its
+    LoRA term is `s * ((r * h_{t-1}) @ A) @ B[:, 2u:]`. `A` has shape
+    `(units, rank)`, `B` `(rank, 3 * units)`, `s = lora_alpha / rank`
+    (`lora_alpha / sqrt(rank)` with rsLoRA).
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        {lora_args}
+        **kwargs: every other argument of `keras.layers.GRUCell`
+            (`activation`, `reset_after`, initializers, `dropout`,
+            `recurrent_dropout`, `seed`, ...), unchanged.
+
+    Call arguments:
+        inputs: A 2D tensor, with shape `(batch, features)`.
+        states: A 2D tensor with shape `(batch, units)`, the previous state.
+        training: Python boolean, whether dropout (and LoRA dropout) apply.
+
+    Example:
+
+    >>> cell = keras_rnn_lora.LoRAGRUCell(32, rank=4)
+    >>> rnn = keras.layers.RNN(cell, return_state=True)
+    >>> output, state = rnn(np.zeros((2, 5, 8)))
+    >>> output.shape, state.shape
+    ((2, 32), (2, 32))
+
+    {references}
+    """
+
+    _keras_cell = keras.layers.GRUCell
+    _gates = 3
+
+    def call(self, inputs, states, training=False):
+        if self._lora_merged:
+            return super().call(inputs, states, training=training)
+        h_tm1 = states[0] if tree.is_nested(states) else states
+        xs = self._dropped_inputs(
+            inputs, self.get_dropout_mask, self.dropout, training
+        )
+        hs = self._dropped_inputs(
+            h_tm1,
+            self.get_recurrent_dropout_mask,
+            self.recurrent_dropout,
+            training,
+        )
+        x_z, x_r, x_h = self._gate_projections("kernel", xs, training)
+        if self.use_bias:
+            input_bias = self.bias if not self.reset_after else self.bias[0]
+            b_z, b_r, b_h = ops.split(input_bias, 3, axis=-1)
+            x_z, x_r, x_h = x_z + b_z, x_r + b_r, x_h + b_h
+
+        if self.reset_after:
+            rec_z, rec_r, rec_h = self._gate_projections(
+                "recurrent", hs, training
+            )
+            if self.use_bias:
+                rb_z, rb_r, rb_h = ops.split(self.bias[1], 3, axis=-1)
+                rec_z, rec_r, rec_h = rec_z + rb_z, rec_r + rb_r, rec_h + rb_h
+            z = self.recurrent_activation(x_z + rec_z)
+            r = self.recurrent_activation(x_r + rec_r)
+            hh = self.activation(x_h + r * rec_h)
+        else:
+            rec_z, rec_r = self._gate_projections(
+                "recurrent", hs[:2], training, gates=slice(0, 2)
+            )
+            z = self.recurrent_activation(x_z + rec_z)
+            r = self.recurrent_activation(x_r + rec_r)
+            rec_h = self._project("recurrent", r * hs[2], slice(2, 3), training)
+            hh = self.activation(x_h + rec_h)
+
+        h = z * h_tm1 + (1 - z) * hh
+        new_state = [h] if tree.is_nested(states) else h
+        return h, new_state
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+@_lora_docstring
+class LoRALSTMCell(_LoRACellMixin, keras.layers.LSTMCell):
+    """A `keras.layers.LSTMCell` whose frozen kernels learn through LoRA.
+
+    The LSTM step (gate layout `[i, f, c, o]`, as Keras) with a low-rank
+    update on the recurrent kernel:
+
+        [i, f, c, o]_rec = h_{t-1} @ W_hh + s * (h_{t-1} @ A) @ B
+
+    `A` has shape `(units, rank)`, `B` `(rank, 4 * units)`,
+    `s = lora_alpha / rank` (`lora_alpha / sqrt(rank)` with rsLoRA).
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        {lora_args}
+        **kwargs: every other argument of `keras.layers.LSTMCell`
+            (`activation`, `unit_forget_bias`, initializers, `dropout`,
+            `recurrent_dropout`, `seed`, ...), unchanged.
+
+    Call arguments:
+        inputs: A 2D tensor, with shape `(batch, features)`.
+        states: A list of 2 tensors `[h, c]`, each `(batch, units)`.
+        training: Python boolean, whether dropout (and LoRA dropout) apply.
+
+    Example:
+
+    >>> cell = keras_rnn_lora.LoRALSTMCell(32, rank=4)
+    >>> rnn = keras.layers.RNN(cell)
+    >>> rnn(np.zeros((2, 5, 8))).shape
+    (2, 32)
+
+    {references}
+    """
+
+    _keras_cell = keras.layers.LSTMCell
+    _gates = 4
+
+    def call(self, inputs, states, training=False):
+        if self._lora_merged:
+            return super().call(inputs, states, training=training)
+        h_tm1, c_tm1 = states[0], states[1]
+        xs = self._dropped_inputs(
+            inputs, self.get_dropout_mask, self.dropout, training
+        )
+        hs = self._dropped_inputs(
+            h_tm1,
+            self.get_recurrent_dropout_mask,
+            self.recurrent_dropout,
+            training,
+        )
+        x_gates = self._gate_projections("kernel", xs, training)
+        h_gates = self._gate_projections("recurrent", hs, training)
+        z = [x + h for x, h in zip(x_gates, h_gates, strict=True)]
+        if self.use_bias:
+            z = [
+                g + b
+                for g, b in zip(
+                    z, ops.split(self.bias, 4, axis=-1), strict=True
+                )
+            ]
+        c, o = self._compute_carry_and_output_fused(z, c_tm1)
+        h = o * self.activation(c)
+        return h, [h, c]
+
+
+LORA_CELLS = (LoRASimpleRNNCell, LoRAGRUCell, LoRALSTMCell)

@@ -1,5 +1,13 @@
 """LoRA for recurrent networks in Keras 3 (TensorFlow, JAX, PyTorch)."""
 
+from keras_rnn_lora.adapter_io import load_lora_weights
+from keras_rnn_lora.adapter_io import save_lora_weights
+from keras_rnn_lora.adapters import enable_lora
+from keras_rnn_lora.adapters import lora_summary
+from keras_rnn_lora.adapters import mark_only_lora_as_trainable
+from keras_rnn_lora.adapters import merge_lora
+from keras_rnn_lora.adapters import to_base_model
+from keras_rnn_lora.adapters import unmerge_lora
 from keras_rnn_lora.cells import LoRAGRUCell
 from keras_rnn_lora.cells import LoRALSTMCell
 from keras_rnn_lora.cells import LoRASimpleRNNCell
@@ -11,6 +19,14 @@ __all__ = [
     "LoRAGRUCell",
     "LoRALSTMCell",
     "LoRASimpleRNNCell",
+    "enable_lora",
+    "load_lora_weights",
     "lora_scaling",
+    "lora_summary",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "save_lora_weights",
+    "to_base_model",
+    "unmerge_lora",
     "__version__",
 ]

@@ -238,16 +238,32 @@ class _LoRACellMixin:
                 "`cell.build((None, input_dim))`."
             )
 
-    def merge_lora(self):
+    def merge_lora(self, reset=False):
         """Folds `s * A @ B` into each targeted kernel; the cell then runs
         the plain parent step (no LoRA overhead). Idempotent.
 
         The factors are kept (frozen while merged) and the pre-merge kernels
         saved, so `unmerge_lora()` restores them exactly.
+
+        With `reset=True` the merge is made permanent instead: the merged
+        kernel becomes the new frozen base and a fresh adapter starts on it
+        (`A` re-initialized, `B = 0`), so outputs are unchanged and the cell
+        is ready to learn the next batch of new data.
         """
         self._require_built("merge_lora")
-        if self._lora_merged:
-            return self
+        if not self._lora_merged:
+            self._merge()
+        if reset:
+            self._premerge_kernels = {}
+            self._lora_merged = False
+            self._set_factors_trainable(True)
+            for target in self.lora_targets:
+                a, b = self._factors(target)
+                a.assign(self.lora_a_initializer(a.shape, dtype=a.dtype))
+                b.assign(self.lora_b_initializer(b.shape, dtype=b.dtype))
+        return self
+
+    def _merge(self):
         for target in self.lora_targets:
             kernel = self._kernel(target)
             a, b = self._factors(target)
@@ -259,7 +275,6 @@ class _LoRACellMixin:
             self._premerge_kernels[target] = before
         self._lora_merged = True
         self._set_factors_trainable(False)
-        return self
 
     def unmerge_lora(self):
         """Restores the kernels `merge_lora()` changed and the LoRA step.

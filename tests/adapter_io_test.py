@@ -1,0 +1,165 @@
+"""Tests for adapter files: save_lora_weights / load_lora_weights."""
+
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from adapters_test import functional_model
+from adapters_test import randomize_weights
+from adapters_test import sequential_model
+from adapters_test import x_batch
+from conftest import randomize_lora
+from conftest import to_numpy
+
+import keras_rnn_lora
+from keras_rnn_lora.adapters import lora_cells
+
+
+def trained_adapter(base, seed=0, **kwargs):
+    lora_model = keras_rnn_lora.enable_lora(base, rank=2, **kwargs)
+    for i, cell in enumerate(lora_cells(lora_model).values()):
+        randomize_lora(cell, seed=seed + i)
+    return lora_model
+
+
+def test_round_trip_into_fresh_copy_of_base(tmp_path):
+    base = functional_model()
+    lora_model = trained_adapter(base)
+    path = tmp_path / "adapter.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(lora_model, path)
+    fresh = keras_rnn_lora.enable_lora(base, rank=2)
+    keras_rnn_lora.load_lora_weights(fresh, path)
+    x = x_batch(1)
+    np.testing.assert_array_equal(to_numpy(fresh(x)), to_numpy(lora_model(x)))
+    with h5py.File(path, "r") as file:
+        assert "gru/cell" in file
+        group = file["gru/cell"]
+        assert group.attrs["rank"] == 2
+        assert group.attrs["lora_targets"] == "recurrent"
+        assert sorted(group) == [
+            "lora_recurrent_kernel_a",
+            "lora_recurrent_kernel_b",
+        ]
+    # Only the factors: far smaller than the model's weights.
+    model_bytes = sum(to_numpy(w).nbytes for w in base.weights)
+    factor_bytes = sum(
+        to_numpy(w).nbytes
+        for c in lora_cells(lora_model).values()
+        for w in c.lora_weights
+    )
+    assert factor_bytes < model_bytes / 4
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_loading_into_a_merged_model_keeps_it_merged(tmp_path):
+    base = sequential_model()
+    path = tmp_path / "a.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(trained_adapter(base), path)
+    target = keras_rnn_lora.enable_lora(base, rank=2)
+    keras_rnn_lora.merge_lora(target)
+    keras_rnn_lora.load_lora_weights(target, path)
+    cell = lora_cells(target)["rnn/cell"]
+    assert cell.lora_merged
+    expected = trained_adapter(base)
+    np.testing.assert_allclose(
+        to_numpy(target(x_batch(2))), to_numpy(expected(x_batch(2))), atol=1e-5
+    )
+
+
+def test_refuses_missing_layer(tmp_path):
+    base = functional_model()
+    path = tmp_path / "a.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(trained_adapter(base), path)
+    narrower = keras_rnn_lora.enable_lora(base, rank=2, layers=["gru"])
+    with pytest.raises(ValueError, match="for layer 'bi/backward/cell'"):
+        keras_rnn_lora.load_lora_weights(narrower, path)
+    keras_rnn_lora.load_lora_weights(narrower, path, strict=False)
+    wider_path = tmp_path / "narrow.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(narrower, wider_path)
+    wider = keras_rnn_lora.enable_lora(base, rank=2)
+    with pytest.raises(ValueError, match="has LoRA layer 'bi/backward/cell'"):
+        keras_rnn_lora.load_lora_weights(wider, wider_path)
+
+
+def test_refuses_wrong_rank(tmp_path):
+    base = sequential_model()
+    path = tmp_path / "a.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(trained_adapter(base), path)
+    rank3 = keras_rnn_lora.enable_lora(base, rank=3)
+    with pytest.raises(ValueError, match="Layer 'rnn/cell'.*rank=2.*rank=3"):
+        keras_rnn_lora.load_lora_weights(rank3, path, strict=False)
+
+
+def test_refuses_different_targets_and_alpha(tmp_path):
+    base = sequential_model()
+    path = tmp_path / "a.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(trained_adapter(base), path)
+    both = keras_rnn_lora.enable_lora(
+        base, rank=2, lora_targets=("kernel", "recurrent")
+    )
+    with pytest.raises(ValueError, match="lora_targets='recurrent'"):
+        keras_rnn_lora.load_lora_weights(both, path)
+    alpha = keras_rnn_lora.enable_lora(base, rank=2, lora_alpha=8.0)
+    with pytest.raises(ValueError, match="lora_alpha=2.0 but.*lora_alpha=8.0"):
+        keras_rnn_lora.load_lora_weights(alpha, path)
+
+
+def test_refuses_different_base_unless_not_strict(tmp_path):
+    base = sequential_model()
+    lora_model = trained_adapter(base)
+    path = tmp_path / "a.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(lora_model, path)
+    other_base = sequential_model()
+    randomize_weights(other_base, seed=42)
+    other = keras_rnn_lora.enable_lora(other_base, rank=2)
+    with pytest.raises(ValueError, match="'rnn/cell'.*fingerprint mismatch"):
+        keras_rnn_lora.load_lora_weights(other, path)
+    keras_rnn_lora.load_lora_weights(other, path, strict=False)
+    np.testing.assert_array_equal(
+        to_numpy(lora_cells(other)["rnn/cell"].lora_recurrent_kernel_b),
+        to_numpy(lora_cells(lora_model)["rnn/cell"].lora_recurrent_kernel_b),
+    )
+
+
+def test_bad_paths(tmp_path):
+    lora_model = trained_adapter(sequential_model())
+    with pytest.raises(ValueError, match="`path`.*'.lora.weights.h5'"):
+        keras_rnn_lora.save_lora_weights(lora_model, tmp_path / "a.h5")
+    with pytest.raises(FileNotFoundError, match="No adapter file"):
+        keras_rnn_lora.load_lora_weights(
+            lora_model, tmp_path / "none.lora.weights.h5"
+        )
+    not_adapter = tmp_path / "other.lora.weights.h5"
+    with h5py.File(not_adapter, "w") as file:
+        file.create_dataset("x", data=np.zeros(2))
+    with pytest.raises(ValueError, match="not a keras-rnn-lora adapter file"):
+        keras_rnn_lora.load_lora_weights(lora_model, not_adapter)
+    with pytest.raises(ValueError, match="no LoRA cell to save"):
+        keras_rnn_lora.save_lora_weights(
+            sequential_model(), tmp_path / "b.lora.weights.h5"
+        )
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    lora_model = trained_adapter(sequential_model())
+    path = tmp_path / "a.lora.weights.h5"
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", fail)
+    with pytest.raises(OSError, match="disk full"):
+        keras_rnn_lora.save_lora_weights(lora_model, path)
+    assert os.listdir(tmp_path) == []
+    # An existing adapter survives a failed overwrite untouched.
+    monkeypatch.undo()
+    keras_rnn_lora.save_lora_weights(lora_model, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(h5py.Group, "create_dataset", fail)
+    with pytest.raises(OSError):
+        keras_rnn_lora.save_lora_weights(lora_model, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["a.lora.weights.h5"]
+    keras.backend.clear_session()

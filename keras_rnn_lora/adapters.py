@@ -25,16 +25,6 @@ _LORA_FOR_STOCK = {cls._keras_cell: cls for cls in cells_lib.LORA_CELLS}
 _STOCK_FOR_LORA = {cls: cls._keras_cell for cls in cells_lib.LORA_CELLS}
 _STOCK_CELL_NAMES = {c.__name__ for c in _LORA_FOR_STOCK}
 _RECURRENT_LAYER_NAMES = {"SimpleRNN", "GRU", "LSTM", "RNN"}
-_LORA_CONFIG_KEYS = (
-    "rank",
-    "lora_alpha",
-    "use_rslora",
-    "lora_dropout",
-    "lora_targets",
-    "lora_a_initializer",
-    "lora_b_initializer",
-    "lora_merged",
-)
 _BIAS_MODES = ("none", "all", "lora_only")
 
 # -- walking a built model -------------------------------------------------
@@ -450,7 +440,7 @@ def _stock_config(node):
         config = {
             k: v
             for k, v in node["config"].items()
-            if k not in _LORA_CONFIG_KEYS
+            if k not in lora.LORA_CONFIG_KEYS
         }
         stock = _STOCK_FOR_LORA[lora_cls].from_config(config)
         return keras.saving.serialize_keras_object(stock)

@@ -12,6 +12,18 @@ from keras import ops
 #: Kernels a LoRA adapter can target, by their short name.
 LORA_TARGETS = ("kernel", "recurrent")
 
+#: Constructor arguments the LoRA cells add to their Keras parents.
+LORA_CONFIG_KEYS = (
+    "rank",
+    "lora_alpha",
+    "use_rslora",
+    "lora_dropout",
+    "lora_targets",
+    "lora_a_initializer",
+    "lora_b_initializer",
+    "lora_merged",
+)
+
 #: The Keras attribute (and weight name) of the kernel behind each target.
 KERNEL_ATTRIBUTES = {"kernel": "kernel", "recurrent": "recurrent_kernel"}
 

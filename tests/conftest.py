@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_rnn_lora
+from keras_rnn_lora.lora import LORA_CONFIG_KEYS
 
 BACKEND = keras.backend.backend()
 
@@ -42,16 +43,7 @@ def stock_twin(lora_cell):
     """A stock Keras cell whose kernels are `W + s*A@B` of `lora_cell`."""
     stock_cls = STOCK_CELLS[type(lora_cell)]
     config = lora_cell.get_config()
-    for key in (
-        "rank",
-        "lora_alpha",
-        "use_rslora",
-        "lora_dropout",
-        "lora_targets",
-        "lora_a_initializer",
-        "lora_b_initializer",
-        "lora_merged",
-    ):
+    for key in LORA_CONFIG_KEYS:
         config.pop(key)
     twin = stock_cls.from_config(config)
     twin.build((None, lora_cell.kernel.shape[0]))

@@ -1,0 +1,1 @@
+"""Datasets: IWSLT 2017 English-German (needs the `tensorflow` extra)."""

@@ -311,7 +311,7 @@ def decode_step(model, tokens, encoder_outputs, source_mask, states):
     return parts.logits(attended)[:, 0, :], new_states
 
 
-def greedy_decode(model, encoder_tokens, max_length=64):
+def greedy_decode(model, encoder_tokens, max_length=64, return_scores=False):
     """Greedy translation of a batch of token ids, one step at a time.
 
     The encoder runs once; each step feeds the previous token and the
@@ -320,38 +320,136 @@ def greedy_decode(model, encoder_tokens, max_length=64):
 
     Returns:
         int32 array `(batch, max_length)`: the tokens after `[START]`,
-        `[END]` included where reached, 0 after it.
+        `[END]` included where reached, 0 after it. With `return_scores`,
+        also each row's log-probability `(batch,)`.
     """
-    _positive_int("max_length", max_length)
-    encoder_outputs, source_mask, states = encode(model, encoder_tokens)
-    batch = ops.shape(encoder_outputs)[0]
-    output = ops.zeros((batch, max_length), "int32")
-    tokens = ops.full((batch,), START_ID, "int32")
-    done = ops.zeros((batch,), "bool")
+    tokens, scores = beam_search(model, encoder_tokens, 1, max_length)
+    return (tokens, scores) if return_scores else tokens
 
-    def cond(step, tokens, done, output, states):
+
+def _log_softmax(logits):
+    logits = ops.cast(logits, "float32")
+    return logits - ops.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def beam_search(model, encoder_tokens, beam_width=4, max_length=64):
+    """Beam search over the translator, batched, one decoder step at a time.
+
+    The encoder runs once per sentence; the `beam_width` hypotheses of each
+    sentence carry their own decoder state. A hypothesis that emitted
+    `[END]` keeps its score and competes with the open ones. Scores are
+    summed log-probabilities (no length penalty). `beam_width=1` is greedy
+    decoding.
+
+    A plain beam can prune the greedy path and end below it, so for
+    `beam_width > 1` the greedy hypothesis (sharing the encoder pass) is kept
+    as a candidate too: the result never scores below greedy decoding.
+
+    Returns:
+        `(tokens, scores)`: the best hypothesis per sentence, int32
+        `(batch, max_length)` as `greedy_decode`, and its log-probability.
+    """
+    _positive_int("beam_width", beam_width)
+    _positive_int("max_length", max_length)
+    encoded = encode(model, encoder_tokens)
+    tokens, scores = _search(model, encoded, beam_width, max_length)
+    if beam_width == 1:
+        return tokens, scores
+    greedy_tokens, greedy_scores = _search(model, encoded, 1, max_length)
+    better = scores >= greedy_scores
+    tokens = ops.where(better[:, None], tokens, greedy_tokens)
+    return tokens, ops.maximum(scores, greedy_scores)
+
+
+def _search(model, encoded, beam_width, max_length):
+    """The beam loop over an encoded batch (see `beam_search`)."""
+    encoder_outputs, source_mask, states = encoded
+    batch = ops.shape(encoder_outputs)[0]
+    k = beam_width
+
+    def tile(x):  # (batch, ...) -> (batch * k, ...), beams of a row adjacent
+        return ops.repeat(x, k, axis=0)
+
+    encoder_outputs, source_mask = tile(encoder_outputs), tile(source_mask)
+    states = keras.tree.map_structure(tile, states)
+    history = ops.zeros((batch, k, max_length), "int32")
+    # Only beam 0 is live at the start, so the first step does not pick the
+    # same token k times.
+    first = ops.concatenate(
+        [ops.zeros((batch, 1)), ops.full((batch, k - 1), -1e9)], axis=1
+    )
+    scores = ops.cast(first, "float32")
+    done = ops.zeros((batch, k), "bool")
+    tokens = ops.full((batch * k,), START_ID, "int32")
+
+    def cond(step, tokens, scores, done, history, states):
         return ops.logical_and(
             step < max_length, ops.logical_not(ops.all(done))
         )
 
-    def body(step, tokens, done, output, states):
+    def body(step, tokens, scores, done, history, states):
         logits, states = decode_step(
             model, tokens, encoder_outputs, source_mask, states
         )
-        next_tokens = ops.cast(ops.argmax(logits, axis=-1), "int32")
-        next_tokens = ops.where(done, PAD_ID, next_tokens)
-        column = ops.one_hot(step, max_length, dtype="int32")
-        output = output + ops.expand_dims(next_tokens, 1) * column
-        done = ops.logical_or(done, ops.equal(next_tokens, END_ID))
-        return step + 1, next_tokens, done, output, states
+        vocab = ops.shape(logits)[-1]
+        log_probs = ops.reshape(_log_softmax(logits), (batch, k, vocab))
+        # A finished hypothesis may only continue with padding, for free.
+        pad_only = ops.where(ops.arange(vocab) == PAD_ID, 0.0, -1e9)[
+            None, None, :
+        ]
+        log_probs = ops.where(done[..., None], pad_only, log_probs)
+        candidates = ops.reshape(scores[..., None] + log_probs, (batch, -1))
+        scores, flat = ops.top_k(candidates, k=k)
+        beams = flat // vocab
+        new_tokens = ops.cast(flat % vocab, "int32")
 
-    _, _, _, output, _ = ops.while_loop(
+        def pick(x):  # reorder the (batch * k, width) rows by `beams`
+            width = x.shape[-1]  # static, so graph loops keep their shapes
+            x = ops.reshape(x, (batch, k, width))
+            x = ops.take_along_axis(x, beams[..., None], axis=1)
+            return ops.reshape(x, (batch * k, width))
+
+        states = keras.tree.map_structure(pick, states)
+        history = ops.take_along_axis(history, beams[..., None], axis=1)
+        done = ops.take_along_axis(done, beams, axis=1)
+        column = ops.one_hot(step, max_length, dtype="int32")
+        history = history + new_tokens[..., None] * column
+        done = ops.logical_or(done, ops.equal(new_tokens, END_ID))
+        tokens = ops.reshape(new_tokens, (batch * k,))
+        return step + 1, tokens, scores, done, history, states
+
+    _, _, scores, _, history, _ = ops.while_loop(
         cond,
         body,
-        (0, tokens, done, output, states),
+        (0, tokens, scores, done, history, states),
         maximum_iterations=max_length,
     )
-    return output
+    return history[:, 0], scores[:, 0]
+
+
+def compiled_decoder(model, beam_width=1, max_length=64):
+    """`beam_search` bound to `model`, compiled once for the backend.
+
+    TensorFlow: a `tf.function`; JAX: `jax.jit` (weights are read at trace
+    time, so build a new decoder after changing them); torch: eager.
+
+    Returns:
+        A function `encoder_tokens -> (tokens, scores)`.
+    """
+
+    def decode(encoder_tokens):
+        return beam_search(model, encoder_tokens, beam_width, max_length)
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(decode, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(decode)
+    return decode
 
 
 def strip_special(ids):
@@ -366,8 +464,11 @@ def strip_special(ids):
     return kept
 
 
-def translate(model, sentences, src_tokenizer, tgt_tokenizer, max_length=64):
-    """Translates a list of strings with greedy decoding.
+def translate(
+    model, sentences, src_tokenizer, tgt_tokenizer, max_length=64, beam_width=1
+):
+    """Translates a list of strings: greedy, or beam search when
+    `beam_width > 1`.
 
     Returns:
         A list of detokenized strings, one per sentence.
@@ -380,7 +481,8 @@ def translate(model, sentences, src_tokenizer, tgt_tokenizer, max_length=64):
     ]
     width = max(1, max(len(t) for t in token_lists))
     batch = [t + [PAD_ID] * (width - len(t)) for t in token_lists]
-    decoded = ops.convert_to_numpy(greedy_decode(model, batch, max_length))
+    decoded, _ = beam_search(model, batch, beam_width, max_length)
+    decoded = ops.convert_to_numpy(decoded)
     return [
         tgt_tokenizer.detokenize(strip_special(row))
         if strip_special(row)

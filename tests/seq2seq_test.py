@@ -1,5 +1,9 @@
 """Tests for the encoder-decoder translator: masking, metrics, decoding."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -98,6 +102,40 @@ def test_incremental_decoding_equals_rerunning_the_prefix(cell):
         assert (row[stop:] == 0).all()
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_beam_width_one_is_greedy_and_wider_beams_score_no_lower(cell):
+    model = tiny_translator(cell=cell, num_layers=2, bidirectional_encoder=True)
+    src = np.random.default_rng(5).integers(4, SRC_VOCAB, (6, 7))
+    greedy, greedy_scores = seq2seq.greedy_decode(
+        model, src.astype("int32"), max_length=8, return_scores=True
+    )
+    beam1, beam1_scores = seq2seq.beam_search(model, src, 1, max_length=8)
+    np.testing.assert_array_equal(to_numpy(beam1), to_numpy(greedy))
+    np.testing.assert_allclose(to_numpy(beam1_scores), to_numpy(greedy_scores))
+    for width in (2, 4):
+        _, scores = seq2seq.beam_search(model, src, width, max_length=8)
+        assert (to_numpy(scores) >= to_numpy(greedy_scores) - 1e-5).all()
+    with pytest.raises(ValueError, match="`beam_width`"):
+        seq2seq.beam_search(model, src, 0)
+
+
+def test_compiled_decoder_matches_eager_decoding():
+    model = tiny_translator(cell="gru", num_layers=2)
+    src = (
+        np.random.default_rng(6).integers(4, SRC_VOCAB, (4, 7)).astype("int32")
+    )
+    for width in (1, 3):
+        expected, expected_scores = seq2seq.beam_search(model, src, width, 6)
+        decoder = seq2seq.compiled_decoder(
+            model, beam_width=width, max_length=6
+        )
+        tokens, scores = decoder(src)
+        np.testing.assert_array_equal(to_numpy(tokens), to_numpy(expected))
+        np.testing.assert_allclose(
+            to_numpy(scores), to_numpy(expected_scores), atol=1e-5
+        )
+
+
 def test_lora_on_translator_trains_only_recurrent_factors():
     model = tiny_translator(num_layers=2)
     lora_model = keras_rnn_lora.enable_lora(model, rank=2)
@@ -184,3 +222,67 @@ def test_corpus_scores_with_sacrebleu():
     assert 0 < partial["bleu"] < 100 and 0 < partial["chrf"] < 100
     with pytest.raises(ValueError, match="2 `references`"):
         seq2seq.corpus_scores(["a"], references)
+
+
+DISTRIBUTED_FIT = """
+import os, sys
+backend = os.environ["KERAS_BACKEND"]
+if backend == "tensorflow":
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from keras_rnn_lora import seq2seq
+
+rng = np.random.default_rng(0)
+src = rng.integers(4, 40, (64, 7)).astype("int32")
+dec = rng.integers(4, 50, (64, 6)).astype("int32")
+out = np.roll(dec, -1, axis=1)
+
+def build():
+    model = seq2seq.build_translator(40, 50, embedding_dim=8, units=16)
+    return seq2seq.compile_translator(model, learning_rate=0.01)
+
+if backend == "tensorflow":
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    with strategy.scope():
+        model = build()
+else:
+    import jax
+    assert len(jax.devices()) == 2, jax.devices()
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = build()
+history = model.fit([src, dec], out, batch_size=16, epochs=4, verbose=0)
+print("LOSSES", history.history["loss"])
+"""
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras has no data-parallel distribution for the torch backend",
+)
+def test_training_runs_on_two_devices(tmp_path):
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED_FIT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [x for x in result.stdout.splitlines() if x.startswith("LOSSES")]
+    assert lines, result.stderr[-3000:]
+    losses = eval(lines[0][len("LOSSES") :])  # a printed list of floats
+    assert losses[-1] < losses[0]

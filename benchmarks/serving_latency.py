@@ -1,0 +1,110 @@
+"""Serving latency of the exported SavedModel: merged vs unmerged LoRA graph.
+
+Exports one LoRA translator twice (TensorFlow backend): merged (what
+`export_translator` serves) and with the LoRA branch kept in the graph. Both
+are loaded with `tf.saved_model.load` and called through `serving_default`,
+alternating A B A B: single-sentence latency (p50, p95 over `--requests`
+calls per round) and batch-of-64 throughput (sentences/s).
+Writes benchmarks/results/serving_latency.json; the Markdown table last.
+
+Usage: KERAS_BACKEND=tensorflow python benchmarks/serving_latency.py
+About two minutes on a 2-core CPU (default-size translator, random weights,
+`--max-length` 20 decoding steps).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+SENTENCE = "And it's truly a great honor to have the opportunity to come here."
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--data-dir", default=os.environ.get("IWSLT2017_DIR"))
+    args = parser.parse_args()
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import tensorflow as tf
+
+    import keras_rnn_lora
+    from keras_rnn_lora import export
+    from keras_rnn_lora import seq2seq
+    from keras_rnn_lora import text
+    from keras_rnn_lora.data import iwslt2017
+
+    keras.utils.set_random_seed(0)
+    pairs = iwslt2017.read_pairs("train", args.data_dir, max_pairs=5000)
+    tokenizer_dir = os.path.join(iwslt2017.prepared_dir(args.data_dir), "tok")
+    src, tgt = text.get_tokenizers(pairs, tokenizer_dir, vocab_size=8000)
+    model = keras_rnn_lora.enable_lora(
+        seq2seq.build_translator(8000, 8000), rank=8
+    )
+    for cell in keras_rnn_lora.adapters.lora_cells(model).values():
+        for w in cell.lora_weights:
+            w.assign(np.random.default_rng(0).normal(size=w.shape) * 0.05)
+    root = tempfile.mkdtemp()
+    serve = {}
+    for mode, merge in (("merged", True), ("unmerged", False)):
+        path = export.export_translator(
+            model,
+            src,
+            tgt,
+            root,
+            name=mode,
+            max_length=args.max_length,
+            merge=merge,
+        )
+        serve[mode] = tf.saved_model.load(path).signatures["serving_default"]
+    single = tf.constant([SENTENCE])
+    batch = tf.constant([p[0] for p in pairs[:64]])
+    for fn in serve.values():  # warm-up
+        fn(text=single), fn(text=batch)
+    latencies = {mode: [] for mode in serve}
+    throughput = {mode: [] for mode in serve}
+    for _ in range(args.rounds):
+        for mode, fn in serve.items():
+            for _ in range(args.requests):
+                start = time.perf_counter()
+                fn(text=single)["translation"].numpy()
+                latencies[mode].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            fn(text=batch)["translation"].numpy()
+            throughput[mode].append(64 / (time.perf_counter() - start))
+    results = {}
+    for mode in serve:
+        ms = sorted(1000 * t for t in latencies[mode])
+        results[mode] = {
+            "p50_ms": ms[len(ms) // 2],
+            "p95_ms": ms[int(len(ms) * 0.95)],
+            "batch64_sentences_per_s": statistics.median(throughput[mode]),
+        }
+    results["merged_over_unmerged_p50"] = (
+        results["merged"]["p50_ms"] / results["unmerged"]["p50_ms"]
+    )
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "serving_latency.json"), "w") as file:
+        json.dump(results, file, indent=2)
+    print(f"\n{args.rounds} rounds A B A B, {args.max_length} decode steps\n")
+    print("| graph | p50 ms | p95 ms | batch 64 sentences/s |")
+    print("|---|---:|---:|---:|")
+    for mode in serve:
+        r = results[mode]
+        print(
+            f"| {mode} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+            f"{r['batch64_sentences_per_s']:.1f} |"
+        )
+    print(f"\nmerged / unmerged p50: {results['merged_over_unmerged_p50']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Tests for the TF Serving export (TensorFlow backend; other backends export
+through a TensorFlow-backend subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND
+from conftest import iwslt_dir
+
+import keras_rnn_lora
+from keras_rnn_lora import export
+from keras_rnn_lora import seq2seq
+from keras_rnn_lora import text
+from keras_rnn_lora.data import iwslt2017
+
+# Tests of the SavedModel itself run once; exports from JAX or torch models
+# (through a TensorFlow-backend child process) are covered by the others.
+tensorflow_only = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="checks of the exported graph itself run on tensorflow only",
+)
+SENTENCES = ["Thank you so much, Chris.", "And it's truly a great honor."]
+MAX_LENGTH = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    pairs = iwslt2017.read_pairs("train", iwslt_dir(), max_pairs=2000)
+    directory = str(tmp_path_factory.mktemp("tokenizers"))
+    text.get_tokenizers(pairs, directory, vocab_size=600)
+    return directory
+
+
+@pytest.fixture
+def translator(tokenizer_dir):
+    """A small LoRA translator with non-zero factors, and its tokenizers."""
+    src, tgt = text.get_tokenizers([], tokenizer_dir, vocab_size=600)
+    model = seq2seq.build_translator(
+        int(src.vocabulary_size()),
+        int(tgt.vocabulary_size()),
+        embedding_dim=16,
+        units=32,
+    )
+    model = keras_rnn_lora.enable_lora(model, rank=2)
+    rng = np.random.default_rng(0)
+    for cell in keras_rnn_lora.adapters.lora_cells(model).values():
+        for w in cell.lora_weights:
+            w.assign(rng.normal(size=w.shape).astype("float32") * 0.3)
+    return model, src, tgt
+
+
+LOAD_AND_TRANSLATE = """
+import json, sys
+sys.modules["keras_rnn_lora"] = None  # importing it would fail here
+import tensorflow as tf
+import tensorflow_text  # registers the SentencePiece ops
+loaded = tf.saved_model.load(sys.argv[1])
+inputs = json.loads(sys.argv[2])
+out = loaded.signatures["serving_default"](text=tf.constant(inputs))
+print("RESULT" + json.dumps([t.decode() for t in out["translation"].numpy()]))
+"""
+
+
+def run_python(script, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_export_serves_same_translations_in_a_clean_process(
+    translator, tmp_path
+):
+    model, src, tgt = translator
+    path = export.export_translator(
+        model, src, tgt, tmp_path / "serving", max_length=MAX_LENGTH
+    )
+    assert path == str(tmp_path / "serving" / "iwslt_en_de" / "1")
+    expected = seq2seq.translate(model, SENTENCES, src, tgt, MAX_LENGTH)
+    stdout = run_python(
+        LOAD_AND_TRANSLATE, path, json.dumps(SENTENCES), cwd=tmp_path
+    )
+    got = json.loads(stdout.split("RESULT", 1)[1])
+    assert got == expected
+    # The model given is left as it was: still LoRA, still unmerged.
+    cells = keras_rnn_lora.adapters.lora_cells(model).values()
+    assert cells and not any(c.lora_merged for c in cells)
+
+
+CHECK_GRAPH = """
+import sys
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
+proto = saved_model_pb2.SavedModel()
+proto.ParseFromString(open(sys.argv[1] + "/saved_model.pb", "rb").read())
+ops = set()
+for graph in proto.meta_graphs:
+    ops |= {node.op for node in graph.graph_def.node}
+    for function in graph.graph_def.library.function:
+        ops |= {node.op for node in function.node_def}
+function_names = {
+    f.signature.name
+    for g in proto.meta_graphs
+    for f in g.graph_def.library.function
+}
+print("NONCORE", sorted(
+    op for op in ops
+    if op not in function_names and op_def_registry.get(op) is None
+))
+"""
+
+
+@tensorflow_only
+def test_signatures_and_ops_are_servable(translator, tmp_path):
+    model, src, tgt = translator
+    path = export.export_translator(
+        model, src, tgt, tmp_path, max_length=MAX_LENGTH
+    )
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run(
+        [cli, "show", "--dir", path, "--all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    default = shown.split("signature_def['serving_default']")[1]
+    default = default.split("signature_def[")[0]
+    assert "inputs['text'] tensor_info:" in default
+    assert "dtype: DT_STRING" in default and "shape: (-1)" in default
+    assert "outputs['translation'] tensor_info:" in default
+    tokens = shown.split("signature_def['translate_tokens']")[1]
+    assert "inputs['tokens']" in tokens and "dtype: DT_INT32" in tokens
+    assert "shape: (-1, -1)" in tokens
+    assert f"shape: (-1, {MAX_LENGTH})" in tokens
+    # Every op is core TensorFlow (known without tensorflow_text loaded)
+    # or one of the TF Text SentencePiece ops TF Serving links in.
+    stdout = run_python(CHECK_GRAPH, path, cwd=tmp_path)
+    noncore = eval(stdout.split("NONCORE", 1)[1])  # a printed list
+    assert set(noncore) <= set(export.TF_TEXT_OPS), noncore
+
+
+@tensorflow_only
+def test_warmup_and_hostile_inputs(translator, tmp_path):
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    model, src, tgt = translator
+    path = export.export_translator(
+        model, src, tgt, tmp_path, max_length=MAX_LENGTH
+    )
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    warmup = os.path.join(path, "assets.extra", "tf_serving_warmup_requests")
+    records = list(tf.data.TFRecordDataset(warmup))
+    assert records
+    for record in records:
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        assert request.model_spec.signature_name == "serving_default"
+        inputs = tf.make_ndarray(request.inputs["text"])
+        out = serve(text=tf.constant(inputs))["translation"]
+        assert out.shape == inputs.shape
+    hostile = [
+        "",
+        "   \t ",
+        "word " * 2000,
+        "Grüße aus Köln 🙂 — ∑ 你好",
+        b"\xff\xfe\x00 broken utf-8 \xc3",
+    ]
+    out = serve(text=tf.constant(hostile))["translation"].numpy()
+    assert out.shape == (5,)
+    assert all(isinstance(t, bytes) for t in out)
+    empty = serve(text=tf.constant([], tf.string))["translation"]
+    assert empty.shape == (0,)
+    tokens = tf.saved_model.load(path).signatures["translate_tokens"]
+    ids = tokens(tokens=tf.constant([[5, 6, 7, 0]], tf.int32))["tokens"]
+    assert ids.shape == (1, MAX_LENGTH)
+
+
+def test_versions_and_refusal_to_overwrite(translator, tmp_path):
+    model, src, tgt = translator
+    first = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    second = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    assert [os.path.basename(p) for p in (first, second)] == ["1", "2"]
+    stamp = os.stat(os.path.join(first, "saved_model.pb")).st_mtime_ns
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export.export_translator(
+            model, src, tgt, tmp_path, version=1, max_length=4
+        )
+    assert os.stat(os.path.join(first, "saved_model.pb")).st_mtime_ns == stamp
+    again = export.export_translator(
+        model, src, tgt, tmp_path, version=1, max_length=4, overwrite=True
+    )
+    assert again == first
+    assert sorted(os.listdir(tmp_path / "iwslt_en_de")) == ["1", "2"]
+    with pytest.raises(ValueError, match="`max_length`"):
+        export.export_translator(model, src, tgt, tmp_path, max_length=0)
+
+
+def test_interrupted_export_leaves_no_version(
+    translator, tmp_path, monkeypatch
+):
+    model, src, tgt = translator
+
+    def crash(path, name):
+        os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
+        raise OSError("disk full while writing the warmup file")
+
+    if BACKEND == "tensorflow":
+        monkeypatch.setattr(export, "_write_warmup", crash)
+    else:  # the export runs in a child process: make the child fail
+        monkeypatch.setenv("KERAS_BACKEND_FOR_EXPORT_TEST", "1")
+        monkeypatch.setattr(
+            export,
+            "_write_in_tensorflow_process",
+            lambda *a: (_ for _ in ()).throw(OSError("child failed")),
+        )
+    with pytest.raises(OSError):
+        export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    assert os.listdir(tmp_path / "iwslt_en_de") == []
+    keras.backend.clear_session()
+
+
+SERVER = textwrap.dedent(
+    """
+    import json, sys, threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    import tensorflow as tf
+    import tensorflow_text
+    serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            # TF Serving's REST predict API, row format, one named input.
+            assert self.path == "/v1/models/iwslt_en_de:predict", self.path
+            size = int(self.headers["Content-Length"])
+            body = json.loads(self.rfile.read(size))
+            texts = [row["text"] if isinstance(row, dict) else row
+                     for row in body["instances"]]
+            out = serve(text=tf.constant(texts, tf.string))["translation"]
+            reply = {"predictions": [t.decode() for t in out.numpy()]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    print(server.server_port, flush=True)
+    server.serve_forever()
+    """
+)
+
+
+@tensorflow_only
+def test_serving_client_rest_request(translator, tmp_path):
+    model, src, tgt = translator
+    path = export.export_translator(
+        model, src, tgt, tmp_path, max_length=MAX_LENGTH
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, path],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(server.stdout.readline())
+        client = os.path.join(
+            os.path.dirname(__file__), "..", "examples", "serving_client.py"
+        )
+        result = subprocess.run(
+            [
+                sys.executable,
+                client,
+                "--rest",
+                f"http://127.0.0.1:{port}",
+                *SENTENCES,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.kill()
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = seq2seq.translate(model, SENTENCES, src, tgt, MAX_LENGTH)
+    for sentence, translation in zip(SENTENCES, expected, strict=True):
+        assert f"{sentence}\n  -> {translation}" in result.stdout

@@ -11,13 +11,19 @@ from keras_rnn_lora.adapters import unmerge_lora
 from keras_rnn_lora.cells import LoRAGRUCell
 from keras_rnn_lora.cells import LoRALSTMCell
 from keras_rnn_lora.cells import LoRASimpleRNNCell
+from keras_rnn_lora.layers import LoRAGRU
+from keras_rnn_lora.layers import LoRALSTM
+from keras_rnn_lora.layers import LoRASimpleRNN
 from keras_rnn_lora.lora import lora_scaling
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRAGRU",
     "LoRAGRUCell",
+    "LoRALSTM",
     "LoRALSTMCell",
+    "LoRASimpleRNN",
     "LoRASimpleRNNCell",
     "enable_lora",
     "load_lora_weights",

@@ -19,9 +19,13 @@ import numpy as np
 from keras import ops
 
 from keras_rnn_lora import cells as cells_lib
+from keras_rnn_lora import layers as layers_lib
 from keras_rnn_lora import lora
 
 _LORA_FOR_STOCK = {cls._keras_cell: cls for cls in cells_lib.LORA_CELLS}
+_LORA_FOR_STOCK_LAYER = {
+    cls._keras_layer: cls for cls in layers_lib.LORA_LAYERS
+}
 _STOCK_FOR_LORA = {cls: cls._keras_cell for cls in cells_lib.LORA_CELLS}
 _STOCK_CELL_NAMES = {c.__name__ for c in _LORA_FOR_STOCK}
 _RECURRENT_LAYER_NAMES = {"SimpleRNN", "GRU", "LSTM", "RNN"}
@@ -121,11 +125,25 @@ def _swap_cell(cell_config, lora_args):
 
 
 def _swap_recurrent_layer(node, lora_args):
-    """A serialized recurrent layer rewritten as `RNN(LoRA cell)`."""
+    """A serialized recurrent layer rewritten to run LoRA cells.
+
+    `SimpleRNN`, `GRU` and `LSTM` become `LoRASimpleRNN`, `LoRAGRU` and
+    `LoRALSTM` (which keep the cuDNN path on a GPU); `RNN` keeps its class
+    with its cell(s) swapped.
+    """
     # Deep copy: Keras' `from_config` pops keys from the dict it is given.
     layer = keras.saving.deserialize_keras_object(
         copy.deepcopy({k: node[k] for k in ("module", "class_name", "config")})
     )
+    lora_layer_cls = _LORA_FOR_STOCK_LAYER.get(type(layer))
+    if lora_layer_cls is not None:
+        try:
+            new_layer = lora_layer_cls.from_config(
+                {**layer.get_config(), **lora_args}
+            )
+        except ValueError as error:
+            raise ValueError(f"Cell '{layer.cell.name}': {error}") from None
+        return {**node, **keras.saving.serialize_keras_object(new_layer)}, True
     cell_config, converted = _swap_cell(
         keras.saving.serialize_keras_object(layer.cell), lora_args
     )
@@ -143,9 +161,7 @@ def _swap_recurrent_layer(node, lora_args):
         trainable=layer.trainable,
         dtype=layer.dtype_policy,
     )
-    new = dict(node)
-    new.update(keras.saving.serialize_keras_object(rnn))
-    return new, True
+    return {**node, **keras.saving.serialize_keras_object(rnn)}, True
 
 
 def _convert_config(node, lora_args, selected, wanted, seen):
@@ -432,18 +448,22 @@ def _stock_config(node):
         return [_stock_config(item) for item in node]
     if not isinstance(node, dict):
         return node
-    names = {cls.__name__ for cls in cells_lib.LORA_CELLS}
-    if node.get("class_name") in names and "config" in node:
-        lora_cls = next(
-            c for c in cells_lib.LORA_CELLS if c.__name__ == node["class_name"]
-        )
+    lora_classes = {
+        cls.__name__: cls
+        for cls in (*cells_lib.LORA_CELLS, *layers_lib.LORA_LAYERS)
+    }
+    lora_cls = lora_classes.get(node.get("class_name"))
+    if lora_cls is not None and "config" in node:
         config = {
             k: v
             for k, v in node["config"].items()
             if k not in lora.LORA_CONFIG_KEYS
         }
-        stock = _STOCK_FOR_LORA[lora_cls].from_config(config)
-        return keras.saving.serialize_keras_object(stock)
+        stock_cls = (
+            getattr(lora_cls, "_keras_cell", None) or lora_cls._keras_layer
+        )
+        stock = stock_cls.from_config(copy.deepcopy(config))
+        return {**node, **keras.saving.serialize_keras_object(stock)}
     return {key: _stock_config(value) for key, value in node.items()}
 
 

@@ -118,6 +118,17 @@ class _LoRACellMixin:
         prefix = f"lora_{lora.KERNEL_ATTRIBUTES[target]}"
         return getattr(self, f"{prefix}_a"), getattr(self, f"{prefix}_b")
 
+    def effective_kernel(self, target):
+        """The kernel `target` ("kernel" or "recurrent") acts as: `W + s*A@B`
+        while an unmerged adapter targets it, else `W`. Differentiable with
+        respect to `A` and `B` (what the fused layers feed to cuDNN)."""
+        kernel = self._kernel(target)
+        if self._lora_merged or target not in self.lora_targets:
+            return kernel
+        a, b = self._factors(target)
+        delta = lora.lora_delta(a, b, self.scaling, dtype=kernel.dtype)
+        return ops.add(kernel, delta)
+
     @property
     def lora_weights(self):
         """The LoRA factors, `[A, B]` per target in `lora_targets` order."""

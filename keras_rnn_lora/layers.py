@@ -1,0 +1,244 @@
+"""Whole-sequence LoRA layers: `LoRASimpleRNN`, `LoRAGRU`, `LoRALSTM`.
+
+Subclasses of `keras.layers.SimpleRNN`, `GRU` and `LSTM` whose cell is the
+matching LoRA cell, so they keep the GPU fast path a custom cell normally
+loses. Which path runs:
+
+- GRU and LSTM on a GPU (TensorFlow and PyTorch; JAX where Keras' JAX
+  backend has a cuDNN kernel): the backend's fused kernel, fed the
+  effective kernel `W + s*A@B`;
+- GRU and LSTM on a CPU, and SimpleRNN everywhere: the factored LoRA step
+  `h@W + s*(h@A)@B` in Keras' RNN loop.
+
+The effective kernel is formed once per call (not per step) and gradients
+reach `A` and `B` through it. The fused kernels cannot apply LoRA dropout,
+so training with `lora_dropout > 0` uses the factored loop too. On a CPU no
+backend has a fused GRU/LSTM kernel (Keras falls back to its step loop for
+the stock layers as well), so there the factored step is the fast path.
+"""
+
+import keras
+
+from keras_rnn_lora import cells
+from keras_rnn_lora import lora
+
+# Arguments of the stock layer that belong to `keras.layers.RNN` itself.
+_RNN_ARGS = (
+    "return_sequences",
+    "return_state",
+    "go_backwards",
+    "stateful",
+    "unroll",
+    "zero_output_for_mask",
+)
+
+
+def accelerator_present():
+    """Whether the backend sees a GPU, where Keras has fused RNN kernels."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "gpu"
+    return False
+
+
+class _EffectiveKernels:
+    """A stand-in for a LoRA cell whose kernels read `W + s*A@B`.
+
+    Everything else (the step itself, dropout masks, activations) is the
+    real cell's, so if the backend has no fused kernel after all, Keras'
+    fallback loop still runs the real, factored cell.
+    """
+
+    def __init__(self, cell):
+        self._cell = cell
+        self.kernel = cell.effective_kernel("kernel")
+        self.recurrent_kernel = cell.effective_kernel("recurrent")
+
+    def __getattr__(self, name):
+        return getattr(self._cell, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._cell(*args, **kwargs)
+
+
+class _LoRALayerMixin:
+    """Builds the stock layer, then runs it over the matching LoRA cell."""
+
+    _keras_layer = None
+    _lora_cell = None
+
+    def __init__(
+        self,
+        units,
+        rank,
+        lora_alpha=None,
+        use_rslora=False,
+        lora_dropout=0.0,
+        lora_targets=("recurrent",),
+        lora_a_initializer="he_uniform",
+        lora_b_initializer="zeros",
+        lora_merged=False,
+        **kwargs,
+    ):
+        # A throwaway stock layer validates every stock argument with Keras'
+        # own messages and gives the cell's full configuration.
+        stock = self._keras_layer(units, **kwargs)
+        cell = self._lora_cell(
+            rank=rank,
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            lora_dropout=lora_dropout,
+            lora_targets=lora_targets,
+            lora_a_initializer=lora_a_initializer,
+            lora_b_initializer=lora_b_initializer,
+            lora_merged=lora_merged,
+            **stock.cell.get_config(),
+        )
+        keras.layers.RNN.__init__(
+            self,
+            cell,
+            **{arg: getattr(stock, arg) for arg in _RNN_ARGS},
+            activity_regularizer=stock.activity_regularizer,
+            name=stock.name,
+            dtype=stock.dtype_policy,
+            trainable=stock.trainable,
+        )
+        self.input_spec = stock.input_spec
+        if hasattr(stock, "use_cudnn"):
+            self.use_cudnn = stock.use_cudnn
+            # cuDNN ops are not XLA ops: as Keras does for the stock layers.
+            self.supports_jit = stock.supports_jit or not accelerator_present()
+
+    @property
+    def lora_weights(self):
+        return self.cell.lora_weights
+
+    @property
+    def lora_merged(self):
+        return self.cell.lora_merged
+
+    def merge_lora(self, reset=False):
+        self.cell.merge_lora(reset=reset)
+        return self
+
+    def unmerge_lora(self):
+        self.cell.unmerge_lora()
+        return self
+
+    def _fusable(self, training):
+        return (
+            accelerator_present()
+            and getattr(self, "use_cudnn", False) in ("auto", True)
+            and not (training and self.cell.lora_dropout > 0)
+        )
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if self.cell.lora_merged:  # plain weights: the stock layer's path
+            return self._keras_layer.inner_loop(
+                self, sequences, initial_state, mask, training=training
+            )
+        if not self._fusable(training):
+            return keras.layers.RNN.inner_loop(
+                self, sequences, initial_state, mask, training=training
+            )
+        # The stock layer's own dispatch (cuDNN where it can, else its step
+        # loop) with the cell's kernels read as W + s*A@B. Set without
+        # Keras' attribute tracking: it is a view for this call only.
+        real_cell = self.cell
+        object.__setattr__(self, "cell", _EffectiveKernels(real_cell))
+        try:
+            return self._keras_layer.inner_loop(
+                self, sequences, initial_state, mask, training=training
+            )
+        finally:
+            object.__setattr__(self, "cell", real_cell)
+
+    def get_config(self):
+        config = self._keras_layer.get_config(self)
+        cell_config = self.cell.get_config()
+        config.update({key: cell_config[key] for key in lora.LORA_CONFIG_KEYS})
+        return config
+
+
+_ARGS_DOC = """
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        rank, lora_alpha, use_rslora, lora_dropout, lora_targets,
+        lora_a_initializer, lora_b_initializer, lora_merged: as for
+            `keras_rnn_lora.{cell}` (rank required).
+        **kwargs: every other argument of `keras.layers.{layer}`,
+            unchanged.
+"""
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+class LoRASimpleRNN(_LoRALayerMixin, keras.layers.SimpleRNN):
+    """`keras.layers.SimpleRNN` over a `LoRASimpleRNNCell`.
+
+    No backend has a fused SimpleRNN kernel, so this always runs the
+    factored step; it exists so that `enable_lora` keeps layer types.
+
+    Example:
+
+    >>> layer = keras_rnn_lora.LoRASimpleRNN(32, rank=4)
+    >>> layer(np.zeros((2, 5, 8))).shape
+    (2, 32)
+    """
+
+    _keras_layer = keras.layers.SimpleRNN
+    _lora_cell = cells.LoRASimpleRNNCell
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+class LoRAGRU(_LoRALayerMixin, keras.layers.GRU):
+    """`keras.layers.GRU` over a `LoRAGRUCell`, with the cuDNN path kept.
+
+    On a GPU the effective kernel `W + s*A@B` goes to the backend's fused
+    GRU kernel once per call; elsewhere the factored LoRA step runs.
+
+    Example:
+
+    >>> layer = keras_rnn_lora.LoRAGRU(32, rank=4, return_sequences=True)
+    >>> layer(np.zeros((2, 5, 8))).shape
+    (2, 5, 32)
+    """
+
+    _keras_layer = keras.layers.GRU
+    _lora_cell = cells.LoRAGRUCell
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+class LoRALSTM(_LoRALayerMixin, keras.layers.LSTM):
+    """`keras.layers.LSTM` over a `LoRALSTMCell`, with the cuDNN path kept.
+
+    On a GPU the effective kernel `W + s*A@B` goes to the backend's fused
+    LSTM kernel once per call; elsewhere the factored LoRA step runs.
+
+    Example:
+
+    >>> layer = keras_rnn_lora.LoRALSTM(32, rank=4, return_state=True)
+    >>> output, h, c = layer(np.zeros((2, 5, 8)))
+    """
+
+    _keras_layer = keras.layers.LSTM
+    _lora_cell = cells.LoRALSTMCell
+
+
+for _cls, _cell, _layer in (
+    (LoRASimpleRNN, "LoRASimpleRNNCell", "SimpleRNN"),
+    (LoRAGRU, "LoRAGRUCell", "GRU"),
+    (LoRALSTM, "LoRALSTMCell", "LSTM"),
+):
+    _cls.__doc__ += _ARGS_DOC.format(cell=_cell, layer=_layer)
+
+LORA_LAYERS = (LoRASimpleRNN, LoRAGRU, LoRALSTM)

@@ -77,32 +77,17 @@ class _LoRALayerMixin:
     _keras_layer = None
     _lora_cell = None
 
-    def __init__(
-        self,
-        units,
-        rank,
-        lora_alpha=None,
-        use_rslora=False,
-        lora_dropout=0.0,
-        lora_targets=("recurrent",),
-        lora_a_initializer="he_uniform",
-        lora_b_initializer="zeros",
-        lora_merged=False,
-        **kwargs,
-    ):
+    def __init__(self, units, rank, **kwargs):
+        lora_kwargs = {
+            key: kwargs.pop(key)
+            for key in lora.LORA_CONFIG_KEYS
+            if key in kwargs and key != "rank"
+        }
         # A throwaway stock layer validates every stock argument with Keras'
         # own messages and gives the cell's full configuration.
         stock = self._keras_layer(units, **kwargs)
         cell = self._lora_cell(
-            rank=rank,
-            lora_alpha=lora_alpha,
-            use_rslora=use_rslora,
-            lora_dropout=lora_dropout,
-            lora_targets=lora_targets,
-            lora_a_initializer=lora_a_initializer,
-            lora_b_initializer=lora_b_initializer,
-            lora_merged=lora_merged,
-            **stock.cell.get_config(),
+            rank=rank, **lora_kwargs, **stock.cell.get_config()
         )
         keras.layers.RNN.__init__(
             self,

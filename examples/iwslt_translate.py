@@ -11,6 +11,8 @@ and seed:
 - `lora`: LoRA (rank `--rank`) on the recurrent kernels of encoder and
   decoder, everything else frozen (the paper's method);
 - `lora_kernel`: LoRA on input and recurrent kernels;
+- `lora_bf16`: `lora` with the frozen base stored and computed in bfloat16
+  (the LoRA factors and their branch stay float32);
 - `frozen`: no update, the reference for what was gained.
 
 Each arm runs in its own subprocess, so its peak memory (RSS above the
@@ -43,7 +45,7 @@ import time
 
 # -- Setup ---------------------------------------------------------------------
 
-ARMS = ("full", "lora", "lora_kernel", "frozen")
+ARMS = ("full", "lora", "lora_kernel", "lora_bf16", "frozen")
 DEFAULT_ARMS = "full,lora,frozen"
 PRETRAIN_FRACTION = 0.5  # the paper: an initial half, then newly arrived data
 HELDOUT_PAIRS = 500  # pairs of the initial part kept out to measure forgetting
@@ -248,10 +250,13 @@ def build_arm(args, arm, pretrained_path):
     from keras_rnn_lora import seq2seq
 
     model = keras.saving.load_model(pretrained_path, compile=False)
-    if arm in ("lora", "lora_kernel"):
-        targets = ("recurrent",) if arm == "lora" else ("kernel", "recurrent")
+    if arm.startswith("lora"):
+        targets = ("kernel", "recurrent") if arm == "lora_kernel" else None
         model = keras_rnn_lora.enable_lora(
-            model, rank=args.rank, lora_targets=targets
+            model,
+            rank=args.rank,
+            lora_targets=targets or ("recurrent",),
+            base_dtype="bfloat16" if arm == "lora_bf16" else None,
         )
         keras_rnn_lora.mark_only_lora_as_trainable(model)
     if arm == "frozen":
@@ -376,7 +381,7 @@ def run_arm(args, arm):
         "device_peak_mb": device_peak_mb(),
     }
     result.update(evaluate(args, model, data))
-    if arm in ("lora", "lora_kernel"):
+    if arm.startswith("lora"):
         keras_rnn_lora.merge_lora(model)
         model.save(os.path.join(args.output_dir, f"{arm}_merged.keras"))
     write_json(os.path.join(args.output_dir, "arms", f"{arm}.json"), result)
@@ -583,7 +588,11 @@ def plot(path, results):
     bars.set_xticks(list(x), arms)
     bars.set(ylabel="seconds", title="Cost per arm")
     twin.set_ylabel("MB")
-    figure.legend(loc="lower right")
+    handles = [
+        *bars.get_legend_handles_labels()[0],
+        *twin.get_legend_handles_labels()[0],
+    ]
+    bars.legend(handles, [h.get_label() for h in handles], loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

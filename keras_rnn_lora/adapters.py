@@ -243,6 +243,7 @@ def enable_lora(
     lora_dropout=0.0,
     lora_targets=("recurrent",),
     layers=None,
+    base_dtype=None,
 ):
     """Returns a copy of `model` whose recurrent layers run LoRA cells.
 
@@ -262,6 +263,10 @@ def enable_lora(
         layers: optional names of the layers to convert (a name also
             converts every recurrent layer inside that layer or sub-model).
             Default: all of them.
+        base_dtype: optional dtype, e.g. `"bfloat16"`, in which every layer
+            stores and computes its (frozen) weights; the LoRA factors and
+            their branch stay float32. Halves the base's memory and, on
+            CPUs with bfloat16 matmuls, speeds the frozen work up.
 
     Returns:
         A new `keras.Model` of the same architecture.
@@ -308,10 +313,36 @@ def enable_lora(
             f"'{model.name}'{'' if wanted is None else f' under {wanted}'}: "
             f"{detail}."
         )
+    if base_dtype is not None:
+        config = _with_dtype(config, base_dtype)
     lora_model = keras.saving.deserialize_keras_object(config)
     _copy_base_weights(model, lora_model)
     _copy_lora_weights(model, lora_model)
     return lora_model
+
+
+def _with_dtype(node, dtype):
+    """Sets the dtype policy of every layer (not the inputs) in a config."""
+    if isinstance(node, list):
+        return [_with_dtype(item, dtype) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _with_dtype(value, dtype) for key, value in node.items()}
+    config = out.get("config")
+    is_input = node.get("class_name") == "InputLayer"
+    if "class_name" in node and isinstance(config, dict) and not is_input:
+        if "dtype" in config and "module" in node:
+            config["dtype"] = keras.saving.serialize_keras_object(
+                keras.DTypePolicy(dtype)
+            )
+        initializer = config.get("recurrent_initializer")
+        if isinstance(initializer, dict) and (
+            initializer.get("class_name") == "Orthogonal"
+        ):
+            # No backend has a bfloat16 QR; the copied trained weights
+            # replace whatever is initialized, so any initializer will do.
+            config["recurrent_initializer"] = "glorot_uniform"
+    return out
 
 
 def _copy_lora_weights(source, target):

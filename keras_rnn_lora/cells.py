@@ -160,11 +160,13 @@ class _LoRACellMixin:
         a, b = self._factors(target)
         if training and self.lora_dropout > 0:
             x = x * self._lora_dropout_mask(target, x)
-        low = ops.matmul(x, ops.cast(a, x.dtype)) * self.scaling
-        b = ops.cast(b, x.dtype)
         if columns is not None:
             b = b[:, columns]
-        return y + ops.matmul(low, b)
+        if x.dtype == a.dtype:
+            return y + ops.matmul(ops.matmul(x, a) * self.scaling, b)
+        # Mixed precision or a bfloat16 base: the LoRA branch stays float32.
+        low = ops.matmul(ops.cast(x, a.dtype), a) * self.scaling
+        return y + ops.cast(ops.matmul(low, b), y.dtype)
 
     def _gate_projections(self, target, xs, training, gates=None):
         """Projects per-gate inputs `xs` and returns one tensor per gate.

@@ -115,17 +115,21 @@ def add_lora_factors(layer, target, input_dim, output_dim, rank):
     Weight names follow Keras: `lora_kernel_a`, `lora_recurrent_kernel_b`, ...
     """
     prefix = f"lora_{KERNEL_ATTRIBUTES[target]}"
+    # autocast=False: reading them inside a mixed-precision call must not
+    # round them to float16/bfloat16; the cells cast explicitly.
     a = layer.add_weight(
         name=f"{prefix}_a",
         shape=(input_dim, rank),
         initializer=layer.lora_a_initializer,
         dtype="float32",
+        autocast=False,
     )
     b = layer.add_weight(
         name=f"{prefix}_b",
         shape=(rank, output_dim),
         initializer=layer.lora_b_initializer,
         dtype="float32",
+        autocast=False,
     )
     return a, b
 

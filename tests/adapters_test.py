@@ -339,3 +339,29 @@ def test_lora_model_round_trips_through_keras_file(tmp_path):
     np.testing.assert_array_equal(
         to_numpy(loaded(x_batch(9))), to_numpy(lora_model(x_batch(9)))
     )
+
+
+def test_bfloat16_base_keeps_factors_float32_and_trains():
+    base = functional_model()
+    lora_model = keras_rnn_lora.enable_lora(base, rank=2, base_dtype="bfloat16")
+    cells = lora_cells(lora_model)
+    for cell in cells.values():
+        assert cell.kernel.dtype == "bfloat16"
+        assert cell.recurrent_kernel.dtype == "bfloat16"
+        assert all(w.dtype == "float32" for w in cell.lora_weights)
+    assert lora_model.get_layer("head").kernel.dtype == "bfloat16"
+    x = x_batch(10)
+    np.testing.assert_allclose(
+        to_numpy(lora_model(x)).astype("float32"),
+        to_numpy(base(x)),
+        atol=0.1,
+    )
+    keras_rnn_lora.mark_only_lora_as_trainable(lora_model)
+    lora_model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    history = lora_model.fit(
+        x_batch(11, batch=8), np.ones((8, 2)), epochs=3, verbose=0
+    )
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert all(
+        w.dtype == "float32" for c in cells.values() for w in c.lora_weights
+    )

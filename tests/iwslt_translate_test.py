@@ -58,10 +58,16 @@ def smoke_args(tmp_path, arms):
 
 def test_smoke_run_reports_every_field_for_every_arm(tmp_path):
     out = tmp_path / "run"
-    result = run(smoke_args(tmp_path, "full,lora,lora_kernel,frozen"))
+    result = run(smoke_args(tmp_path, "full,lora,lora_kernel,lora_bf16,frozen"))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["arms"]) == {"full", "lora", "lora_kernel", "frozen"}
+    assert set(results["arms"]) == {
+        "full",
+        "lora",
+        "lora_kernel",
+        "lora_bf16",
+        "frozen",
+    }
     for arm, fields in results["arms"].items():
         assert ARM_FIELDS <= set(fields), arm
         assert fields["backend"] == keras.backend.backend()
@@ -72,6 +78,10 @@ def test_smoke_run_reports_every_field_for_every_arm(tmp_path):
         0 < arms["lora"]["trainable_params"] < arms["full"]["trainable_params"]
     )
     assert len(arms["lora"]["epoch_seconds"]) == 2
+    # bfloat16 base, float32 adapters: quality close to the float32 arm.
+    bf16, f32 = arms["lora_bf16"], arms["lora"]
+    assert bf16["trainable_params"] == f32["trainable_params"]
+    assert abs(bf16["test_perplexity"] / f32["test_perplexity"] - 1) < 0.02
     assert set(results["reductions"]) == {
         "time_reduction",
         "memory_reduction",

@@ -1,0 +1,425 @@
+"""Training cost of LoRA against full fine-tuning, on the current backend.
+
+The work: a recurrent language-model-shaped network of the translator's
+sizes (embedding, two recurrent layers, a `Dense` over the vocabulary; the
+translator minus its attention), trained with `train_on_batch` on one fixed
+batch of token ids. Modes, all from the same initial weights:
+
+- `full`: stock `keras.layers.GRU` layers, every weight trainable;
+- `lora_cell`: `keras.layers.RNN(LoRAGRUCell)`, LoRA factors only;
+- `lora_fused`: `LoRAGRU` layers, LoRA factors only (on a CPU no backend has
+  a fused GRU kernel, so this is the cell path again: the check is that the
+  layer adds nothing);
+- `merge_each_step`: a LoRA cell that forms `W + s*A@B` at every step (how
+  Keras' Dense LoRA works), LoRA factors only;
+- `floor`: stock layers with only the first RNN's bias trainable. The
+  gradient still flows back through the whole network, but there is no LoRA
+  matmul and no large weight gradient: what any LoRA step must pay at least.
+- `lora_bf16`: `enable_lora(..., base_dtype="bfloat16")` on the `full`
+  model: frozen weights stored and computed in bfloat16, LoRA factors and
+  their branch in float32.
+
+Step time is measured as ratios inside one process: each round runs every
+mode once (A B C ..., warm-up first), and each ratio is the median over
+rounds of per-round ratios. Peak memory per mode runs in its own
+subprocess (resident memory above the idle process, after building the
+model). Inference: a merged LoRA model's forward time over the stock model's.
+On the torch backend the script also times the paper's own PyTorch loop on
+Elman-RNN work (2 layers, hidden 512, rank 4, vocab 8000, T=30, batch 16)
+against our `LoRASimpleRNN` model on the same work.
+
+Writes benchmarks/results/lora_vs_full_<backend>_<size>.json and prints a
+Markdown table last.
+
+Usage: KERAS_BACKEND=tensorflow python benchmarks/lora_vs_full.py
+       [--size default|paper] [--rounds 7]
+About 2-4 minutes per backend at the default size on a 2-core CPU.
+`--size paper` is hidden 2048 with embedding 512, scaled down to batch 16
+and 20 steps to fit a CPU run.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+SIZES = {
+    "default": {
+        "vocab": 8000,
+        "embed": 128,
+        "units": 256,
+        "batch": 64,
+        "T": 30,
+    },
+    "paper": {"vocab": 8000, "embed": 512, "units": 2048, "batch": 16, "T": 20},
+}
+MODES = (
+    "full",
+    "lora_cell",
+    "lora_fused",
+    "merge_each_step",
+    "floor",
+    "lora_bf16",
+)
+RANK = 8
+
+
+def build(mode, size, seed=0):
+    import keras
+
+    import keras_rnn_lora
+
+    keras.utils.set_random_seed(seed)
+    if mode == "lora_bf16":
+        model = keras_rnn_lora.enable_lora(
+            build("full", size, seed), rank=RANK, base_dtype="bfloat16"
+        )
+        keras_rnn_lora.mark_only_lora_as_trainable(model)
+        return _compile(model)
+    stock_layers = mode in ("full", "floor")
+    inputs = keras.Input((size["T"],), dtype="int32")
+    x = keras.layers.Embedding(size["vocab"], size["embed"])(inputs)
+    for i in range(2):
+        if stock_layers:
+            layer = keras.layers.GRU(size["units"], return_sequences=True)
+        elif mode == "lora_fused":
+            layer = keras_rnn_lora.LoRAGRU(
+                size["units"], rank=RANK, return_sequences=True
+            )
+        else:
+            cell_cls = (
+                merge_each_step_cell_class()
+                if mode == "merge_each_step"
+                else keras_rnn_lora.LoRAGRUCell
+            )
+            layer = keras.layers.RNN(
+                cell_cls(size["units"], rank=RANK), return_sequences=True
+            )
+        x = layer(x)
+        if i == 0:
+            first = layer
+    model = keras.Model(inputs, keras.layers.Dense(size["vocab"])(x))
+    if mode == "floor":
+        for w in model.weights:
+            w.trainable = w is first.cell.bias
+    elif mode != "full":
+        keras_rnn_lora.mark_only_lora_as_trainable(model)
+    return _compile(model)
+
+
+def _compile(model):
+    import keras
+
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def merge_each_step_cell_class():
+    """A LoRA GRU cell that forms the full-size `W + s*A@B` at every step,
+    the way `keras.layers.Dense` LoRA does, for comparison only."""
+    from keras import ops
+
+    import keras_rnn_lora
+
+    class Cell(keras_rnn_lora.LoRAGRUCell):
+        def _project(self, target, x, gates=None, training=False):
+            kernel = self.effective_kernel(target)
+            if gates is not None:
+                start, stop, _ = gates.indices(self._gates)
+                kernel = kernel[:, start * self.units : stop * self.units]
+            return ops.matmul(x, kernel)
+
+    return Cell
+
+
+def batch(size, seed=1):
+    rng = np.random.default_rng(seed)
+    shape = (size["batch"], size["T"])
+    x = rng.integers(1, size["vocab"], shape).astype("int32")
+    y = rng.integers(1, size["vocab"], shape).astype("int32")
+    return x, y
+
+
+def timed_step(model, x, y):
+    start = time.perf_counter()
+    model.train_on_batch(x, y)
+    return time.perf_counter() - start
+
+
+def step_ratios(size, rounds):
+    models = {mode: build(mode, size) for mode in MODES}
+    x, y = batch(size)
+    for model in models.values():  # warm-up: trace and compile
+        for _ in range(2):
+            timed_step(model, x, y)
+    times = {mode: [] for mode in MODES}
+    for _ in range(rounds):
+        for mode, model in models.items():
+            times[mode].append(timed_step(model, x, y))
+    params = {
+        mode: sum(int(np.prod(w.shape)) for w in m.trainable_weights)
+        for mode, m in models.items()
+    }
+    return times, params
+
+
+def ratio(times, a, b):
+    values = [x / y for x, y in zip(times[a], times[b], strict=True)]
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def inference_ratio(size, rounds):
+    """Forward time of a merged LoRA model over the same stock model: the
+    `LoRAGRU` layers `enable_lora` makes of `GRU` layers, merged, against
+    the stock `GRU` layers (so both take the backend's same GRU path)."""
+    import keras_rnn_lora
+
+    base = build("full", size)
+    lora_model = build("lora_fused", size)
+    keras_rnn_lora.merge_lora(lora_model)
+    x, _ = batch(size)
+    models = {"merged": lora_model, "base": base}
+    for m in models.values():
+        m.predict_on_batch(x)
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            start = time.perf_counter()
+            m.predict_on_batch(x)
+            times[name].append(time.perf_counter() - start)
+    return ratio(times, "merged", "base")
+
+
+def peak_memory(mode, size_name, steps=3):
+    """Runs `steps` training steps of one mode in a fresh process."""
+    script = (
+        "import sys, json; sys.path.insert(0, sys.argv[1])\n"
+        "import lora_vs_full as b\n"
+        "print('PEAK', json.dumps(b.measure_peak(sys.argv[2], sys.argv[3],"
+        f" {steps})))\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            os.path.dirname(__file__),
+            mode,
+            size_name,
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=900,
+    )
+    lines = [
+        line for line in result.stdout.splitlines() if line.startswith("PEAK")
+    ]
+    if not lines:
+        raise RuntimeError(f"{mode}: {result.stderr[-2000:]}")
+    return json.loads(lines[0][5:])
+
+
+def rss():
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_peak(mode, size_name, steps):
+    size = SIZES[size_name]
+    model = build(mode, size)
+    x, y = batch(size)
+    baseline = rss()
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    done.set()
+    thread.join()
+    return (max(peak[0], rss()) - baseline) / 2**20
+
+
+def paper_torch_loop(rounds):
+    """The paper's PyTorch LoRA Elman RNN vs our LoRASimpleRNN, same work."""
+    import keras
+    import torch
+
+    import keras_rnn_lora
+
+    vocab, hidden, rank, steps, batch_size, layers = 8000, 512, 4, 30, 16, 2
+    torch.manual_seed(0)
+
+    class LoRARNNCell(torch.nn.Module):
+        def __init__(self, inp):
+            super().__init__()
+            self.w_ih = torch.nn.Linear(inp, hidden)
+            self.w_hh = torch.nn.Linear(hidden, hidden)
+            self.a = torch.nn.Parameter(torch.randn(hidden, rank) * 0.01)
+            self.b = torch.nn.Parameter(torch.zeros(rank, hidden))
+            for p in (*self.w_ih.parameters(), *self.w_hh.parameters()):
+                p.requires_grad = False
+
+        def forward(self, x, h):
+            lora = (h @ self.a) @ self.b * (rank / rank)
+            return torch.tanh(self.w_ih(x) + self.w_hh(h) + lora)
+
+    class PaperModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, hidden)
+            self.cells = torch.nn.ModuleList(
+                [LoRARNNCell(hidden) for _ in range(layers)]
+            )
+            self.out = torch.nn.Linear(hidden, vocab)
+            self.embed.weight.requires_grad = False
+            for p in self.out.parameters():
+                p.requires_grad = False
+
+        def forward(self, tokens):
+            x = self.embed(tokens)
+            for cell in self.cells:
+                h = torch.zeros(tokens.shape[0], hidden)
+                outputs = []
+                for t in range(tokens.shape[1]):
+                    h = cell(x[:, t], h)
+                    outputs.append(h)
+                x = torch.stack(outputs, 1)
+            return self.out(x)
+
+    paper = PaperModel()
+    optimizer = torch.optim.Adam(
+        [p for p in paper.parameters() if p.requires_grad]
+    )
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, vocab, (batch_size, steps))
+    y = rng.integers(1, vocab, (batch_size, steps))
+    tx, ty = torch.tensor(x), torch.tensor(y)
+
+    def paper_step():
+        optimizer.zero_grad()
+        logits = paper(tx)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab), ty.reshape(-1)
+        )
+        loss.backward()
+        optimizer.step()
+
+    inputs = keras.Input((steps,), dtype="int32")
+    h = keras.layers.Embedding(vocab, hidden)(inputs)
+    for _ in range(layers):
+        h = keras_rnn_lora.LoRASimpleRNN(
+            hidden, rank=rank, return_sequences=True
+        )(h)
+    ours = keras.Model(inputs, keras.layers.Dense(vocab)(h))
+    keras_rnn_lora.mark_only_lora_as_trainable(ours)
+    ours.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = x.astype("int32"), y.astype("int32")
+
+    def ours_step():
+        ours.train_on_batch(x, y)
+
+    for fn in (paper_step, ours_step):
+        fn()
+        fn()
+    times = {"ours": [], "paper": []}
+    for _ in range(rounds):
+        for name, fn in (("ours", ours_step), ("paper", paper_step)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return ratio(times, "ours", "paper")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    import keras
+
+    backend = keras.backend.backend()
+    size = SIZES[args.size]
+    times, params = step_ratios(size, args.rounds)
+    results = {
+        "backend": backend,
+        "size": {"name": args.size, **size, "rank": RANK},
+        "rounds": args.rounds,
+        "step_seconds_median": {
+            m: statistics.median(t) for m, t in times.items()
+        },
+        "trainable_params": params,
+        "ratios": {
+            "lora_cell / floor": ratio(times, "lora_cell", "floor"),
+            "lora_cell / full": ratio(times, "lora_cell", "full"),
+            "floor / full": ratio(times, "floor", "full"),
+            "lora_fused / lora_cell": ratio(times, "lora_fused", "lora_cell"),
+            "merge_each_step / lora_cell": ratio(
+                times, "merge_each_step", "lora_cell"
+            ),
+            "lora_bf16 / full": ratio(times, "lora_bf16", "full"),
+        },
+        "inference merged / base": inference_ratio(size, args.rounds),
+    }
+    if not args.skip_memory:
+        results["peak_rss_mb"] = {
+            mode: peak_memory(mode, args.size) for mode in MODES
+        }
+    if backend == "torch" and args.size == "default":
+        results["ratios"]["ours / paper torch loop"] = paper_torch_loop(
+            args.rounds
+        )
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"lora_vs_full_{backend}_{args.size}.json")
+    with open(path, "w") as file:
+        json.dump(results, file, indent=2)
+    print(
+        f"\n{backend}, size {args.size} {size}, rank {RANK}, "
+        f"{args.rounds} rounds\n"
+    )
+    print("| mode | step ms (median) | trainable params | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for mode in MODES:
+        peak = results.get("peak_rss_mb", {}).get(mode)
+        print(
+            f"| {mode} | {1000 * results['step_seconds_median'][mode]:.1f} | "
+            f"{params[mode]:,} | {'-' if peak is None else f'{peak:.0f}'} |"
+        )
+    print("\n| ratio | median | min | max |")
+    print("|---|---:|---:|---:|")
+    rows = {
+        **results["ratios"],
+        "inference merged / base": results["inference merged / base"],
+    }
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -668,18 +668,19 @@ def main(argv=None):
     results = {}
     for arm in args.arm_list:
         path = os.path.join(args.output_dir, "arms", f"{arm}.json")
-        if not os.path.exists(path):
+        reused = os.path.exists(path)
+        if not reused:  # the child prints its own one-line summary
             command = [
                 sys.executable,
                 os.path.abspath(__file__),
                 *(argv or sys.argv[1:]),
             ]
             subprocess.run([*command, "--run-arm", arm], check=True)
-        else:
-            print(f"Reusing the finished arm {arm} ({path})")
         with open(path) as file:
             results[arm] = json.load(file)
-        print(one_line(results[arm]))
+        if reused:
+            print(f"Reusing the finished arm {arm} ({path})")
+            print(one_line(results[arm]))
     summary = {
         "initial_pairs": len(data["initial"]),
         "new_pairs": len(data["new"]),

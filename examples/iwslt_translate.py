@@ -146,9 +146,8 @@ def check_args(parser, args):
             f"--arms: unknown arm {unknown or arms}; choose from {ARMS}"
         )
     args.arm_list = arms
-    if not args.data_dir:
-        parser.error("--data-dir is not given and IWSLT2017_DIR is not set")
-    if not os.path.exists(args.data_dir):
+    # No --data-dir and no IWSLT2017_DIR: the TFDS builder downloads.
+    if args.data_dir and not os.path.exists(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist")
     for name in ("rank", "units", "batch_size", "max_length", "vocab_size"):
         if getattr(args, name) < 1:
@@ -200,17 +199,30 @@ class PeakRSS:
 # -- Data ----------------------------------------------------------------------
 
 
-def load_data(args):
-    from keras_rnn_lora import text
+def read_split(args, split, max_pairs=None):
+    """`(en, de)` pairs in file order: straight from the release folder when
+    there is one, else through the TFDS builder's download."""
     from keras_rnn_lora.data import iwslt2017
 
-    train = iwslt2017.read_pairs("train", args.data_dir, args.max_pairs)
+    if args.data_dir:
+        return iwslt2017.read_pairs(split, args.data_dir, max_pairs)
+    dataset = iwslt2017.load_iwslt2017(split, max_pairs=max_pairs)
+    return [
+        (pair["en"].decode(), pair["de"].decode())
+        for pair in dataset.as_numpy_iterator()
+    ]
+
+
+def load_data(args):
+    from keras_rnn_lora import text
+
+    train = read_split(args, "train", args.max_pairs)
     cut = int(len(train) * args.pretrain_fraction)
     initial, new = train[:cut], train[cut:]
     heldout = initial[len(initial) - args.heldout_pairs :]
     initial = initial[: len(initial) - args.heldout_pairs]
-    validation = iwslt2017.read_pairs("validation", args.data_dir)
-    test = iwslt2017.read_pairs("test", args.data_dir, args.eval_pairs)
+    validation = read_split(args, "validation")
+    test = read_split(args, "test", args.eval_pairs)
     if args.smoke:
         validation = validation[: args.eval_pairs]
     # The tokenizers learn from the initial part only: the new data has not

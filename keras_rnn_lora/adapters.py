@@ -26,7 +26,6 @@ _LORA_FOR_STOCK = {cls._keras_cell: cls for cls in cells_lib.LORA_CELLS}
 _LORA_FOR_STOCK_LAYER = {
     cls._keras_layer: cls for cls in layers_lib.LORA_LAYERS
 }
-_STOCK_FOR_LORA = {cls: cls._keras_cell for cls in cells_lib.LORA_CELLS}
 _STOCK_CELL_NAMES = {c.__name__ for c in _LORA_FOR_STOCK}
 _RECURRENT_LAYER_NAMES = {"SimpleRNN", "GRU", "LSTM", "RNN"}
 _BIAS_MODES = ("none", "all", "lora_only")

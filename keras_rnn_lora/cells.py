@@ -45,6 +45,90 @@ _LORA_ARGS_DOC = """
 """
 
 
+_MERGED_KEY = "lora_merged"
+
+
+class _StoredCell:
+    """A cell's stored weights, read and checked before any is assigned."""
+
+    def __init__(self, base, factors, merged, premerge):
+        self.base = base  # the stock weights, in order
+        self.factors = factors  # factor name -> array, None in a stock store
+        self.merged = merged  # whether the stored kernels are merged
+        self.premerge = premerge  # target -> pre-merge kernel when merged
+
+
+def _read_store(cell, store):
+    """Reads `store` for `cell` (see `_LoRACellMixin.save_own_variables`):
+    every key known, every shape right, or a `ValueError` naming the cell."""
+    keys = set(store.keys())
+    base_weights = cell._base_weights()
+    factor_weights = cell.lora_weights
+    names = {w.name for w in factor_weights}
+    premerge_keys = {
+        f"premerge_{lora.KERNEL_ATTRIBUTES[t]}": t for t in cell.lora_targets
+    }
+    numeric = sorted(int(k) for k in keys if k.isdigit())
+    n_base = len(base_weights)
+    # 0.1.0 stored every weight by position: the stock ones, then factors.
+    legacy = (
+        not names & keys
+        and bool(factor_weights)
+        and numeric == list(range(n_base + len(factor_weights)))
+    )
+    unknown = keys - {str(i) for i in numeric} - names - {_MERGED_KEY}
+    unknown -= set(premerge_keys)
+    if unknown or not (legacy or numeric == list(range(n_base))):
+        raise ValueError(
+            f"Cell '{cell.name}' ({type(cell).__name__}) cannot load the "
+            f"stored weights {sorted(keys)}: it expects the stock weights "
+            f"'0'..'{n_base - 1}', optionally the factors {sorted(names)}, "
+            f"'{_MERGED_KEY}' and the pre-merge kernels. Was the file saved "
+            "from another architecture?"
+        )
+
+    def read(key, weight):
+        value = np.asarray(store[key])
+        if tuple(value.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"Cell '{cell.name}': stored weight '{key}' has shape "
+                f"{tuple(value.shape)}, but '{weight.name}' has "
+                f"{tuple(weight.shape)}."
+            )
+        return value
+
+    base = [read(f"{i}", w) for i, w in enumerate(base_weights)]
+    factors = None
+    if legacy:
+        factors = {
+            w.name: read(f"{n_base + i}", w)
+            for i, w in enumerate(factor_weights)
+        }
+    elif names & keys:
+        if names - keys:
+            raise ValueError(
+                f"Cell '{cell.name}': the stored weights lack the factors "
+                f"{sorted(names - keys)}."
+            )
+        factors = {w.name: read(w.name, w) for w in factor_weights}
+    premerge = {
+        target: read(key, cell._kernel(target))
+        for key, target in premerge_keys.items()
+        if key in keys
+    }
+    if _MERGED_KEY in keys:
+        merged = bool(np.asarray(store[_MERGED_KEY]))
+    else:  # 0.1.0 wrote pre-merge kernels exactly when merged
+        merged = bool(premerge)
+    if merged and (factors is None or set(premerge) != set(cell.lora_targets)):
+        raise ValueError(
+            f"Cell '{cell.name}': the stored weights say they are merged but "
+            "lack the factors or the pre-merge kernels needed to restore "
+            "them."
+        )
+    return _StoredCell(base, factors, merged, premerge)
+
+
 def _lora_docstring(cls):
     """Fills the `{lora_args}` and `{references}` slots of a docstring."""
     cls.__doc__ = cls.__doc__.replace(
@@ -125,9 +209,7 @@ class _LoRACellMixin:
         kernel = self._kernel(target)
         if self._lora_merged or target not in self.lora_targets:
             return kernel
-        a, b = self._factors(target)
-        delta = lora.lora_delta(a, b, self.scaling, dtype=kernel.dtype)
-        return ops.add(kernel, delta)
+        return ops.add(kernel, ops.cast(self.delta(target), kernel.dtype))
 
     @property
     def lora_weights(self):
@@ -251,12 +333,52 @@ class _LoRACellMixin:
                 "`cell.build((None, input_dim))`."
             )
 
+    def base_kernel(self, target):
+        """The frozen kernel `W` the adapter of `target` applies to, as a
+        NumPy array: the pre-merge kernel while merged."""
+        self._require_built("base_kernel")
+        if self._lora_merged:
+            return self._premerge_kernels[target].copy()
+        return lora.to_numpy(self._kernel(target))
+
+    def delta(self, target):
+        """The update `s * A @ B` of `target`, float32, differentiable with
+        respect to the factors (what `effective_kernel` adds to `W`)."""
+        a, b = self._factors(target)
+        return lora.lora_delta(a, b, self.scaling)
+
+    def merged_kernels(self, factors=None):
+        """`{target: W + s*A@B}` as NumPy arrays in the kernels' dtype, from
+        the base kernels and the current factors (or `factors`, a mapping
+        from factor name to value). Raises `ValueError` if any would hold
+        NaN or Inf; changes nothing."""
+        self._require_built("merged_kernels")
+        factors = factors or {}
+        merged = {}
+        for target in self.lora_targets:
+            a, b = (
+                factors[w.name] if w.name in factors else lora.to_numpy(w)
+                for w in self._factors(target)
+            )
+            kernel = self._kernel(target)
+            merged[target] = lora.merged_kernel(
+                self.base_kernel(target),
+                a,
+                b,
+                self.scaling,
+                kernel.dtype,
+                f"cell '{self.name}', kernel '{kernel.name}'",
+            )
+        return merged
+
     def merge_lora(self, reset=False):
         """Folds `s * A @ B` into each targeted kernel; the cell then runs
         the plain parent step (no LoRA overhead). Idempotent.
 
         The factors are kept (frozen while merged) and the pre-merge kernels
-        saved, so `unmerge_lora()` restores them exactly.
+        saved, so `unmerge_lora()` restores them exactly. A merge whose
+        result would hold NaN or Inf is refused with a `ValueError` and the
+        cell is left exactly as it was.
 
         With `reset=True` the merge is made permanent instead: the merged
         kernel becomes the new frozen base and a fresh adapter starts on it
@@ -265,7 +387,14 @@ class _LoRACellMixin:
         """
         self._require_built("merge_lora")
         if not self._lora_merged:
-            self._merge()
+            merged = self.merged_kernels()
+            self._premerge_kernels = {
+                target: self.base_kernel(target) for target in merged
+            }
+            for target, value in merged.items():
+                self._kernel(target).assign(value)
+            self._lora_merged = True
+            self._set_factors_trainable(False)
         if reset:
             self._premerge_kernels = {}
             self._lora_merged = False
@@ -276,78 +405,116 @@ class _LoRACellMixin:
                 b.assign(self.lora_b_initializer(b.shape, dtype=b.dtype))
         return self
 
-    def _merge(self):
-        for target in self.lora_targets:
-            kernel = self._kernel(target)
-            a, b = self._factors(target)
-            before = np.array(ops.convert_to_numpy(kernel))
-            delta = lora.lora_delta(a, b, self.scaling)
-            kernel.assign(
-                ops.cast(ops.cast(before, "float32") + delta, kernel.dtype)
-            )
-            self._premerge_kernels[target] = before
-        self._lora_merged = True
-        self._set_factors_trainable(False)
-
     def unmerge_lora(self):
         """Restores the kernels `merge_lora()` changed and the LoRA step.
-        Idempotent.
-
-        After a save/load round trip the exact pre-merge kernels are read
-        back from the file; without them (e.g. weights set by hand) the delta
-        is subtracted, which is exact up to float rounding.
-        """
+        Idempotent."""
         self._require_built("unmerge_lora")
         if not self._lora_merged:
             return self
         for target in self.lora_targets:
-            kernel = self._kernel(target)
-            before = self._premerge_kernels.pop(target, None)
-            if before is None:
-                a, b = self._factors(target)
-                delta = lora.lora_delta(a, b, self.scaling)
-                before = ops.cast(
-                    ops.cast(kernel, "float32") - delta, "float32"
-                )
-            kernel.assign(ops.cast(before, kernel.dtype))
+            self._kernel(target).assign(self._premerge_kernels[target])
+        self._premerge_kernels = {}
         self._lora_merged = False
         self._set_factors_trainable(True)
         return self
 
+    def set_lora_factors(self, values):
+        """Assigns the factors from `values` (factor name -> array) and keeps
+        the merge state: a merged cell is re-merged with the new factors.
+        Everything is checked (names, shapes, finite values, a finite merged
+        kernel) before anything is assigned."""
+        self._require_built("set_lora_factors")
+        weights = {w.name: w for w in self.lora_weights}
+        if set(values) != set(weights):
+            raise ValueError(
+                f"Cell '{self.name}' has the factors {sorted(weights)}; "
+                f"received values for {sorted(values)}."
+            )
+        arrays = {}
+        for name, value in values.items():
+            array = np.asarray(value)
+            if tuple(array.shape) != tuple(weights[name].shape):
+                raise ValueError(
+                    f"Cell '{self.name}': factor '{name}' has shape "
+                    f"{tuple(weights[name].shape)}; received "
+                    f"{tuple(array.shape)}."
+                )
+            lora.check_finite(array, f"factor '{name}' of cell '{self.name}'")
+            arrays[name] = array.astype("float32")
+        merged = self.merged_kernels(arrays) if self._lora_merged else {}
+        for name, array in arrays.items():
+            weights[name].assign(array)
+        for target, value in merged.items():
+            self._kernel(target).assign(value)
+        return self
+
     # -- saving ----------------------------------------------------------
+    #
+    # The store of a LoRA cell (`.keras` and `.weights.h5` files) holds:
+    #   "0", "1", ...  the stock cell's weights, in its order (so a stock
+    #                  cell's file loads here, and the reverse with
+    #                  `to_base_model`);
+    #   "lora_<kernel>_a", "lora_<kernel>_b"   the factors, by name;
+    #   "lora_merged"  1 if the stored kernels are merged, else 0;
+    #   "premerge_<kernel>"  the exact pre-merge kernels of a merged cell.
+    # Loading restores the stored function whatever state the receiving
+    # cell is in: a merged file loads into an unmerged cell (and the
+    # reverse) without applying the delta twice or not at all.
+
+    def _base_weights(self):
+        lora_ids = {id(w) for w in self.lora_weights}
+        return [w for w in self.weights if id(w) not in lora_ids]
 
     def save_own_variables(self, store):
-        super().save_own_variables(store)
+        for i, weight in enumerate(self._base_weights()):
+            store[f"{i}"] = weight
+        for weight in self.lora_weights:
+            store[weight.name] = weight
+        store[_MERGED_KEY] = np.array(int(self._lora_merged))
         for target, kernel in self._premerge_kernels.items():
             store[f"premerge_{lora.KERNEL_ATTRIBUTES[target]}"] = kernel
 
     def load_own_variables(self, store):
-        """Loads this cell's weights, or only the stock weights when `store`
-        comes from the parent Keras cell (the factors then keep their
-        initial values)."""
-        keys = list(store.keys())
-        premerge = {
-            target: f"premerge_{attribute}"
-            for target, attribute in lora.KERNEL_ATTRIBUTES.items()
+        """Loads a LoRA cell's store, or a stock cell's (the factors then
+        keep their values), and restores the stored function in this cell's
+        own merge state. The 0.1.0 layout (every weight by position) loads
+        too."""
+        stored = _read_store(self, store)
+        base = self._base_weights()
+        position = {id(w): i for i, w in enumerate(base)}
+        kernels = {
+            target: stored.base[position[id(self._kernel(target))]]
+            for target in self.lora_targets
         }
-        n_values = len([k for k in keys if not k.startswith("premerge_")])
-        all_vars = self._trainable_variables + self._non_trainable_variables
-        lora_vars = {id(w) for w in self.lora_weights}
-        base_vars = [v for v in all_vars if id(v) not in lora_vars]
-        if n_values == len(all_vars):
-            targets = all_vars
-        elif n_values == len(base_vars) and self.built:
-            targets = base_vars
-        else:
-            self._check_load_own_variables(store)
-            targets = all_vars
-        for i, variable in enumerate(targets):
-            variable.assign(store[f"{i}"])
-        self._premerge_kernels = {
-            target: np.array(store[key])
-            for target, key in premerge.items()
-            if key in keys and target in self.lora_targets
+        factors = stored.factors or {
+            w.name: lora.to_numpy(w) for w in self.lora_weights
         }
+        if stored.merged:  # the stored kernels hold W + s*A@B
+            kernels = stored.premerge
+        merged = {}
+        if self._lora_merged:
+            for target, kernel in kernels.items():
+                a, b = (factors[w.name] for w in self._factors(target))
+                merged[target] = lora.merged_kernel(
+                    kernel,
+                    a,
+                    b,
+                    self.scaling,
+                    self._kernel(target).dtype,
+                    f"cell '{self.name}', kernel '{self._kernel(target).name}'",
+                )
+        # Every value is known and checked: assign.
+        for weight, value in zip(base, stored.base, strict=True):
+            weight.assign(value)
+        for weight in self.lora_weights:
+            weight.assign(factors[weight.name])
+        for target, kernel in kernels.items():
+            self._kernel(target).assign(merged.get(target, kernel))
+        self._premerge_kernels = (
+            {t: np.array(k) for t, k in kernels.items()}
+            if self._lora_merged
+            else {}
+        )
 
     def get_config(self):
         config = {

@@ -7,6 +7,7 @@ the fused layers and the model-level helpers alike.
 import math
 import numbers
 
+import numpy as np
 from keras import ops
 
 #: Kernels a LoRA adapter can target, by their short name.
@@ -140,3 +141,50 @@ def lora_delta(a, b, scaling, dtype=None):
     b = ops.cast(b, "float32")
     delta = ops.matmul(a, b) * scaling
     return delta if dtype is None else ops.cast(delta, dtype)
+
+
+def to_numpy(value):
+    """A NumPy copy of a tensor, a variable or an array."""
+    return np.array(ops.convert_to_numpy(value))
+
+
+def merged_kernel(base, a, b, scaling, dtype, where):
+    """`base + scaling * a @ b` in `dtype`, as a NumPy array.
+
+    Computed in float32, then cast to the kernel's `dtype`. Refuses (as
+    PEFT's `safe_merge` does) a result holding NaN or Inf, whether the factors
+    hold them or their product overflows `dtype`: a merged kernel is often
+    made permanent, so a broken one must never be written.
+
+    Args:
+        base: the frozen kernel `W`.
+        a, b: the factors.
+        scaling: the LoRA scale `s`.
+        dtype: the kernel's dtype.
+        where: what to name in the error, e.g. "cell 'gru_cell', kernel
+            'recurrent_kernel'".
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta = scaling * (
+            np.asarray(a, "float32").astype("float64")
+            @ np.asarray(b, "float32").astype("float64")
+        )
+        merged = np.asarray(base, "float32").astype("float64") + delta
+        merged = merged.astype("float32")
+    merged = to_numpy(ops.cast(merged, dtype))
+    check_finite(merged, f"the merged kernel of {where}")
+    return merged
+
+
+def check_finite(value, what):
+    """Raises `ValueError` naming `what` if `value` holds NaN or Inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(np.asarray(value).astype("float32"))
+    bad = int(finite.size - np.count_nonzero(finite))
+    if bad:
+        raise ValueError(
+            f"Refusing to write {what}: it would hold {bad} non-finite "
+            f"value(s) (NaN or Inf) out of {finite.size}. The LoRA factors "
+            "hold NaN/Inf, or their product overflows the kernel's dtype. "
+            "Nothing was changed."
+        )

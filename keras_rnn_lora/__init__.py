@@ -1,5 +1,9 @@
 """LoRA for recurrent networks in Keras 3 (TensorFlow, JAX, PyTorch)."""
 
+# Registers the translator's losses and metrics, so that a compiled
+# translator saved as `.keras` loads after `import keras_rnn_lora` alone
+# (keras only: no TensorFlow is imported here).
+from keras_rnn_lora import seq2seq as _seq2seq  # noqa: F401, E402
 from keras_rnn_lora.adapter_io import load_lora_weights
 from keras_rnn_lora.adapter_io import save_lora_weights
 from keras_rnn_lora.adapters import enable_lora

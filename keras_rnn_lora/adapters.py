@@ -220,17 +220,59 @@ def _copy_base_weights(source, target, values=None):
         dst.assign(np.array(ops.convert_to_numpy(value)))
 
 
-def _check_model(model, argument="model"):
+class _ModelTypeError(TypeError, ValueError):
+    """Not a Keras model. Also a `ValueError`, which 0.1.0 raised here."""
+
+
+def check_model(model, function, built=False):
+    """Checks the `model` argument of the model-level function `function`."""
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Received an invalid value for `{argument}`, expected a built "
-            f"keras.Model. Received: {argument}={type(model).__name__}"
+        raise _ModelTypeError(
+            f"`{function}` expects a keras.Model as `model`. Received: "
+            f"model={type(model).__name__}"
+            + (f" ({model!r})" if model is None else "")
         )
-    if not model.built:
+    if built and not model.built:
         raise ValueError(
             f"Model '{model.name}' is not built: call it on a batch, or "
             "give it an `Input`, before converting it."
         )
+
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _check_base_dtype(base_dtype):
+    """`base_dtype` as a `keras.DTypePolicy` of floating dtypes."""
+    expected = (
+        f"a floating dtype ({', '.join(map(repr, _FLOAT_DTYPES))}) or a "
+        "mixed policy name such as 'mixed_bfloat16'"
+    )
+    try:
+        policy = keras.DTypePolicy(base_dtype)
+    except (ValueError, TypeError):
+        policy = None
+    if policy is None or not {
+        policy.variable_dtype,
+        policy.compute_dtype,
+    } <= set(_FLOAT_DTYPES):
+        raise ValueError(
+            f"Received an invalid value for `base_dtype`, expected "
+            f"{expected}. Received: base_dtype={base_dtype!r}"
+        )
+    return policy
+
+
+def _subclassed_error(model):
+    return ValueError(
+        f"enable_lora cannot convert model '{model.name}': it is a "
+        f"subclassed keras.Model ({type(model).__name__}) whose config does "
+        "not describe its layers, so it cannot be rebuilt with LoRA layers. "
+        "Build it with the functional or Sequential API, or use the LoRA "
+        "layers in its code directly: keras_rnn_lora.LoRAGRU(units, "
+        "rank=...) for keras.layers.GRU (LoRALSTM, LoRASimpleRNN likewise), "
+        "or keras.layers.RNN(keras_rnn_lora.LoRAGRUCell(units, rank=...))."
+    )
 
 
 def enable_lora(
@@ -262,8 +304,9 @@ def enable_lora(
         layers: optional names of the layers to convert (a name also
             converts every recurrent layer inside that layer or sub-model).
             Default: all of them.
-        base_dtype: optional dtype, e.g. `"bfloat16"`, in which every layer
-            stores and computes its (frozen) weights; the LoRA factors and
+        base_dtype: optional floating dtype, e.g. `"bfloat16"`, in which
+            every layer stores and computes its (frozen) weights (or a
+            policy name such as `"mixed_bfloat16"`); the LoRA factors and
             their branch stay float32. Halves the base's memory and, on
             CPUs with bfloat16 matmuls, speeds the frozen work up.
 
@@ -275,7 +318,9 @@ def enable_lora(
     >>> lora_model = keras_rnn_lora.enable_lora(model, rank=8)
     >>> keras_rnn_lora.mark_only_lora_as_trainable(lora_model)
     """
-    _check_model(model)
+    check_model(model, "enable_lora", built=True)
+    if base_dtype is not None:
+        base_dtype = _check_base_dtype(base_dtype)
     lora_args = {
         "rank": rank,
         "lora_alpha": lora_alpha,
@@ -301,6 +346,12 @@ def enable_lora(
             f"Its layers: {[layer.name for layer in model.layers]}"
         )
     if converted == 0:
+        has_recurrent = any(
+            isinstance(layer, keras.layers.RNN)
+            for _, layer in iter_layers(model)
+        )
+        if has_recurrent and not lora_cells(model) and wanted is None:
+            raise _subclassed_error(model)
         already = lora_cells(model)
         detail = (
             f"it already carries LoRA in {sorted(already)}"
@@ -331,9 +382,7 @@ def _with_dtype(node, dtype):
     is_input = node.get("class_name") == "InputLayer"
     if "class_name" in node and isinstance(config, dict) and not is_input:
         if "dtype" in config and "module" in node:
-            config["dtype"] = keras.saving.serialize_keras_object(
-                keras.DTypePolicy(dtype)
-            )
+            config["dtype"] = keras.saving.serialize_keras_object(dtype)
         initializer = config.get("recurrent_initializer")
         if isinstance(initializer, dict) and (
             initializer.get("class_name") == "Orthogonal"
@@ -345,17 +394,13 @@ def _with_dtype(node, dtype):
 
 
 def _copy_lora_weights(source, target):
-    """Carries factors of cells that already had LoRA into the new model."""
+    """Carries cells that already had LoRA (factors, merge state, pre-merge
+    kernels) into the new model, through the cells' own store format."""
     target_cells = lora_cells(target)
     for path, cell in lora_cells(source).items():
-        for src, dst in zip(
-            cell.lora_weights, target_cells[path].lora_weights, strict=True
-        ):
-            dst.assign(np.array(ops.convert_to_numpy(src)))
-        if cell.lora_merged:
-            target_cells[path]._premerge_kernels = {
-                t: k.copy() for t, k in cell._premerge_kernels.items()
-            }
+        store = {}
+        cell.save_own_variables(store)
+        target_cells[path].load_own_variables(store)
 
 
 # -- trainability and counting ---------------------------------------------
@@ -377,6 +422,7 @@ def mark_only_lora_as_trainable(model, bias="none"):
     Returns:
         `model`, for chaining.
     """
+    check_model(model, "mark_only_lora_as_trainable")
     if bias not in _BIAS_MODES:
         raise ValueError(
             f"Received an invalid value for `bias`, expected one of "
@@ -414,6 +460,7 @@ def lora_summary(model, print_fn=print):
     (pass `print_fn=None` to stay quiet) and returns a dict with `trainable`,
     `total`, `lora` and `ratio` (trainable / total).
     """
+    check_model(model, "lora_summary")
     trainable = _size(model.trainable_weights)
     total = _size(model.weights)
     cells = lora_cells(model).values()
@@ -437,6 +484,7 @@ def lora_summary(model, print_fn=print):
 
 
 def _require_lora(model, function):
+    check_model(model, function)
     cells = lora_cells(model)
     if not cells:
         raise ValueError(
@@ -446,8 +494,20 @@ def _require_lora(model, function):
     return cells
 
 
+def _at(path, function, *args):
+    """Calls `function`, naming the layer `path` in a `ValueError`."""
+    try:
+        return function(*args)
+    except ValueError as error:
+        raise ValueError(f"Layer '{path}': {error}") from None
+
+
 def merge_lora(model, reset=False):
     """Merges every LoRA cell of `model` (see `LoRAGRUCell.merge_lora`).
+
+    All merges are checked before any is made: if one would write NaN or
+    Inf into a kernel, a `ValueError` names its layer and the model is left
+    exactly as it was.
 
     Args:
         model: a model holding LoRA cells.
@@ -460,7 +520,11 @@ def merge_lora(model, reset=False):
     Returns:
         `model`, for chaining.
     """
-    for cell in _require_lora(model, "merge_lora").values():
+    cells = _require_lora(model, "merge_lora")
+    for path, cell in cells.items():
+        if not cell.lora_merged:
+            _at(path, cell.merged_kernels)
+    for cell in cells.values():
         cell.merge_lora(reset=reset)
     return model
 
@@ -503,19 +567,15 @@ def to_base_model(model):
     The result needs nothing from this library to load or serve, and its
     outputs equal `model`'s (merged or not). `model` is left unchanged.
     """
-    _check_model(model)
+    check_model(model, "to_base_model", built=True)
     cells = _require_lora(model, "to_base_model")
     merged_values = {}
-    for cell in cells.values():
-        for target in cell.lora_targets:
-            kernel = cell._kernel(target)
-            if cell.lora_merged:
-                continue
-            a, b = cell._factors(target)
-            merged = ops.cast(kernel, "float32") + lora.lora_delta(
-                a, b, cell.scaling
-            )
-            merged_values[id(kernel)] = ops.cast(merged, kernel.dtype)
+    for path, cell in cells.items():
+        if cell.lora_merged:  # the kernels already hold the merge
+            continue
+        for target, value in _at(path, cell.merged_kernels).items():
+            kernel = getattr(cell, lora.KERNEL_ATTRIBUTES[target])
+            merged_values[id(kernel)] = value
     base = keras.saving.deserialize_keras_object(
         _stock_config(keras.saving.serialize_keras_object(model))
     )

@@ -167,7 +167,8 @@ def test_errors_of_enable_lora():
         keras_rnn_lora.enable_lora(lora_model, rank=2)
     with pytest.raises(ValueError, match="Cell 'gru_cell[_0-9]*': .*`rank`"):
         keras_rnn_lora.enable_lora(sequential_model(), rank=99)
-    with pytest.raises(ValueError, match="`model`, expected a built"):
+    # Also a ValueError, as 0.1.0 raised.
+    with pytest.raises(ValueError, match="expects a keras.Model as `model`"):
         keras_rnn_lora.enable_lora(keras.layers.GRU(3), rank=1)
 
 
@@ -365,3 +366,73 @@ def test_bfloat16_base_keeps_factors_float32_and_trains():
     assert all(
         w.dtype == "float32" for c in cells.values() for w in c.lora_weights
     )
+
+
+# -- refusing non-finite merges, clear errors ---------------------------------
+
+
+def poison(cell):
+    b = cell.lora_weights[1]
+    value = to_numpy(b)
+    value[0, 0] = np.nan
+    b.assign(value)
+
+
+def test_model_merge_refuses_non_finite_and_leaves_every_layer_unchanged():
+    lora_model = keras_rnn_lora.enable_lora(functional_model(), rank=2)
+    cells = lora_cells(lora_model)
+    for i, cell in enumerate(cells.values()):
+        randomize_lora(cell, seed=i)
+    poison(cells["lstm/cell"])  # not the first layer: all or nothing
+    before = [to_numpy(w) for w in lora_model.weights]
+    for reset in (False, True):
+        with pytest.raises(ValueError, match="Layer 'lstm/cell'.*non-finite"):
+            keras_rnn_lora.merge_lora(lora_model, reset=reset)
+        assert not any(c.lora_merged for c in cells.values())
+        for b, w in zip(before, lora_model.weights, strict=True):
+            np.testing.assert_array_equal(to_numpy(w), b)
+    with pytest.raises(ValueError, match="Layer 'lstm/cell'.*non-finite"):
+        keras_rnn_lora.to_base_model(lora_model)
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        "enable_lora",
+        "merge_lora",
+        "unmerge_lora",
+        "to_base_model",
+        "mark_only_lora_as_trainable",
+        "lora_summary",
+    ],
+)
+def test_model_functions_name_a_wrong_model_argument(function):
+    call = getattr(keras_rnn_lora, function)
+    args = (2,) if function == "enable_lora" else ()
+    for bad in (None, "model", keras.layers.GRU(3)):
+        with pytest.raises(TypeError, match=f"`{function}` expects a keras"):
+            call(bad, *args)
+
+
+def test_enable_lora_explains_subclassed_models():
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.gru = keras.layers.GRU(4)
+            self.head = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.head(self.gru(x))
+
+    model = Subclassed()
+    model(x_batch())
+    with pytest.raises(ValueError, match="subclassed keras.Model.*LoRAGRU"):
+        keras_rnn_lora.enable_lora(model, rank=2)
+
+
+@pytest.mark.parametrize("base_dtype", ["int8", "float8", "uint16", 3, "bad"])
+def test_enable_lora_validates_base_dtype(base_dtype):
+    with pytest.raises(ValueError, match="`base_dtype`, expected a floating"):
+        keras_rnn_lora.enable_lora(
+            sequential_model(), rank=2, base_dtype=base_dtype
+        )

@@ -286,3 +286,29 @@ def test_training_runs_on_two_devices(tmp_path):
     assert lines, result.stderr[-3000:]
     losses = eval(lines[0][len("LOSSES") :])  # a printed list of floats
     assert losses[-1] < losses[0]
+
+
+def test_compiled_translator_loads_after_importing_the_package_alone(tmp_path):
+    """`import keras_rnn_lora` registers the losses and metrics a compiled
+    translator's `.keras` file names."""
+    model = seq2seq.compile_translator(tiny_translator())
+    src, dec, out = random_batch(7)
+    model.fit([src, dec], out, epochs=1, verbose=0)
+    path = tmp_path / "translator.keras"
+    model.save(path)
+    script = (
+        "import sys, keras, keras_rnn_lora\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "print('LOSS', type(model.loss).__name__)\n"
+        "print('MODULES', 'keras_rnn_lora.text' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "LOSS MaskedSparseCrossEntropy" in result.stdout, result.stderr[
+        -2000:
+    ]

@@ -9,13 +9,16 @@ on the same base weights.
 """
 
 import hashlib
+import math
+import numbers
 import os
-import tempfile
 
 import h5py
 import numpy as np
-from keras import ops
 
+from keras_rnn_lora import files
+from keras_rnn_lora import lora
+from keras_rnn_lora.adapters import check_model
 from keras_rnn_lora.adapters import lora_cells
 
 FORMAT = "keras-rnn-lora-adapter"
@@ -33,25 +36,12 @@ def _check_path(path):
     return path
 
 
-def _base_kernel(cell, target):
-    """The frozen kernel the adapter applies to (pre-merge when merged)."""
-    if cell.lora_merged:
-        if target not in cell._premerge_kernels:
-            raise ValueError(
-                f"Cell '{cell.name}' is merged and its pre-merge kernel is "
-                "unknown, so its base cannot be fingerprinted. Call "
-                "`unmerge_lora()` first."
-            )
-        return cell._premerge_kernels[target]
-    return ops.convert_to_numpy(cell._kernel(target))
-
-
 def base_fingerprint(cell):
     """SHA-256 over the shapes and float32 bytes of the targeted kernels."""
     digest = hashlib.sha256()
     for target in cell.lora_targets:
         kernel = np.ascontiguousarray(
-            np.asarray(_base_kernel(cell, target), dtype="float32")
+            np.asarray(cell.base_kernel(target), dtype="float32")
         )
         digest.update(f"{target}:{kernel.shape}".encode())
         digest.update(kernel.tobytes())
@@ -74,7 +64,8 @@ def save_lora_weights(model, path):
     """Writes the LoRA factors of `model` to an adapter file at `path`.
 
     The file is written to a temporary file beside `path` and renamed into
-    place, so a crash never leaves a partial file behind. Only the factors
+    place, so a crash never leaves a partial file behind; it gets the usual
+    permissions (`0o666` less the umask). Only the factors
     are stored: biases or other weights trained alongside them (e.g. with
     `mark_only_lora_as_trainable(bias="all")`) belong in a full
     `model.save_weights` file.
@@ -84,18 +75,14 @@ def save_lora_weights(model, path):
         path: the file to write; must end in `.lora.weights.h5`.
     """
     path = _check_path(path)
+    check_model(model, "save_lora_weights")
     cells = lora_cells(model)
     if not cells:
         raise ValueError(
             f"Model '{model.name}' has no LoRA cell to save. Convert it "
             "first: `enable_lora(model, rank=...)`."
         )
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(
-        prefix=".tmp-", suffix=SUFFIX, dir=directory
-    )
-    os.close(handle)
-    try:
+    with files.atomic_path(path) as temporary:
         with h5py.File(temporary, "w") as file:
             file.attrs["format"] = FORMAT
             file.attrs["format_version"] = FORMAT_VERSION
@@ -105,49 +92,129 @@ def save_lora_weights(model, path):
                 group.attrs.update(_cell_attributes(cell))
                 for weight in cell.lora_weights:
                     group.create_dataset(
-                        weight.name,
-                        data=np.asarray(ops.convert_to_numpy(weight)),
+                        weight.name, data=lora.to_numpy(weight)
                     )
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
-def _read_file(path):
+def _scalar_attribute(item, name):
+    """One scalar attribute of an HDF5 object, or `None`; a non-scalar one
+    (however large) is never read."""
+    if name not in item.attrs:
+        return None
+    if item.attrs.get_id(name).shape != ():
+        return _NOT_SCALAR
+    return _plain(item.attrs[name])
+
+
+_NOT_SCALAR = object()
+
+# Attribute of an adapter group -> (check, what it must be).
+_ATTRIBUTE_CHECKS = {
+    "class_name": (lambda v: isinstance(v, str), "a string"),
+    "units": (
+        lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+        "an integer",
+    ),
+    "rank": (
+        lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+        "an integer",
+    ),
+    "lora_alpha": (
+        lambda v: (
+            isinstance(v, numbers.Real)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and v > 0
+        ),
+        "a finite number > 0",
+    ),
+    "use_rslora": (lambda v: isinstance(v, bool), "a bool"),
+    "lora_targets": (lambda v: isinstance(v, str), "a string"),
+    "base_fingerprint": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+class _Header:
+    """One adapter group as the file declares it: attributes, and each
+    dataset's shape and dtype. No factor data is read to make it."""
+
+    def __init__(self, name, group):
+        self.name = name
+        self.attributes = {
+            key: _scalar_attribute(group, key) for key in _ATTRIBUTE_CHECKS
+        }
+        self.datasets = {}
+        self.other = []
+        for key, item in group.items():
+            if isinstance(item, h5py.Dataset):
+                self.datasets[key] = (tuple(item.shape), item.dtype)
+            else:
+                self.other.append(key)
+
+
+def _read_headers(path):
+    """`{layer path: _Header}` of an adapter file, reading no data."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No adapter file at path={path!r}")
-    with h5py.File(path, "r") as file:
-        if file.attrs.get("format") != FORMAT:
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise ValueError(
+            f"{path!r} is not a keras-rnn-lora adapter file (not HDF5: "
+            f"{error})."
+        ) from None
+    with file:
+        if _scalar_attribute(file, "format") != FORMAT:
             raise ValueError(
                 f"{path!r} is not a keras-rnn-lora adapter file (no "
                 f"'format={FORMAT}' attribute)."
             )
-        adapters = {}
-
-        def visit(name, item):
-            if isinstance(item, h5py.Group) and "rank" in item.attrs:
-                adapters[name] = (
-                    dict(item.attrs),
-                    {key: item[key][()] for key in item.keys()},
+        links = []
+        file.visit_links(links.append)
+        for name in links:
+            if not isinstance(file.get(name, getlink=True), h5py.HardLink):
+                raise ValueError(
+                    f"The adapter file {path!r} holds a link {name!r} (soft "
+                    "or external); refusing it without following it."
                 )
+        groups = []
+        file.visit(groups.append)
+        headers = {}
+        for name in groups:
+            item = file[name]
+            if isinstance(item, h5py.Group) and "rank" in item.attrs:
+                headers[name] = _Header(name, item)
+        for name in groups:
+            parent = name.rpartition("/")[0]
+            item = file.get(name)
+            if isinstance(item, h5py.Dataset) and parent not in headers:
+                raise ValueError(
+                    f"The adapter file {path!r} holds an unexpected dataset "
+                    f"{name!r} outside any layer's adapter; refusing it."
+                )
+    return headers
 
-        file.visititems(visit)
-    return adapters
+
+def _read_factors(path, name, keys):
+    """The factor datasets `keys` of group `name`, once checked."""
+    with h5py.File(path, "r") as file:
+        return {key: np.array(file[name][key][()]) for key in keys}
 
 
 def load_lora_weights(model, path, strict=True):
     """Loads an adapter file written by `save_lora_weights` into `model`.
 
-    Every check names the layer it is about. Refused always: a cell whose
-    class, rank, alpha, scaling rule, targets or factor shapes differ.
-    Refused unless `strict=False`: a layer in the file that the model lacks
-    (or the reverse), and a base whose frozen kernels differ from the ones
-    the adapter was trained on (fingerprint mismatch). With `strict=False`
-    the matching layers load and the rest is left as it is.
+    Everything is checked before the model is touched, and every refusal
+    names the layer: a refused file leaves the model exactly as it was.
+    Refused always: a cell whose class, rank, alpha, scaling rule, targets
+    or factor shapes differ; attributes missing or of the wrong type;
+    factors that are not floating point, hold NaN or Inf, or would merge
+    into a non-finite kernel; datasets the layer does not have. Declared
+    shapes and dtypes are checked before any data is read. Refused unless
+    `strict=False`: a layer in the file that the model lacks (or the
+    reverse), and a base whose frozen kernels differ from the ones the
+    adapter was trained on (fingerprint mismatch). With `strict=False` the
+    matching layers load and the rest is left as it is.
 
     Args:
         model: a model holding LoRA cells of the same architecture.
@@ -158,10 +225,11 @@ def load_lora_weights(model, path, strict=True):
         `model`, for chaining.
     """
     path = _check_path(path)
-    adapters = _read_file(path)
+    check_model(model, "load_lora_weights")
+    headers = _read_headers(path)
     cells = lora_cells(model)
-    missing_in_model = sorted(set(adapters) - set(cells))
-    missing_in_file = sorted(set(cells) - set(adapters))
+    missing_in_model = sorted(set(headers) - set(cells))
+    missing_in_file = sorted(set(cells) - set(headers))
     if strict and missing_in_model:
         raise ValueError(
             f"The adapter file {path!r} holds LoRA factors for layer "
@@ -176,30 +244,45 @@ def load_lora_weights(model, path, strict=True):
             "strict=False to load the layers that match."
         )
     plans = []
-    for cell_path in sorted(set(adapters) & set(cells)):
+    for cell_path in sorted(set(headers) & set(cells)):
         cell = cells[cell_path]
-        attributes, factors = adapters[cell_path]
-        _check_cell(cell_path, cell, attributes, factors, path, strict)
+        header = headers[cell_path]
+        _check_header(cell_path, cell, header, path, strict)
+        factors = _read_factors(path, header.name, header.datasets)
+        for key, value in factors.items():
+            lora.check_finite(
+                value, f"factor '{key}' of layer '{cell_path}' from {path!r}"
+            )
+        if cell.lora_merged:  # it will be re-merged: check that result too
+            try:
+                cell.merged_kernels(factors)
+            except ValueError as error:
+                raise ValueError(f"Layer '{cell_path}': {error}") from None
         plans.append((cell, factors))
     # Every check passed: only now touch the model.
     for cell, factors in plans:
-        was_merged = cell.lora_merged
-        if was_merged:
-            cell.unmerge_lora()
-        for weight in cell.lora_weights:
-            weight.assign(factors[weight.name])
-        if was_merged:
-            cell.merge_lora()
+        cell.set_lora_factors(factors)
     return model
 
 
-def _check_cell(cell_path, cell, attributes, factors, path, strict):
+def _check_header(cell_path, cell, header, path, strict):
+    for key, (check, expected_type) in _ATTRIBUTE_CHECKS.items():
+        value = header.attributes[key]
+        if value is None or value is _NOT_SCALAR or not check(value):
+            found = "nothing" if value is None else "a non-scalar"
+            if value is not None and value is not _NOT_SCALAR:
+                found = repr(value)
+            raise ValueError(
+                f"Layer '{cell_path}': the adapter file {path!r} has a bad "
+                f"attribute '{key}': expected {expected_type}, found {found}."
+            )
     expected = _cell_attributes(cell)
+    attributes = header.attributes
     for key in ("class_name", "units", "rank", "lora_targets", "use_rslora"):
-        if _plain(attributes.get(key)) != expected[key]:
+        if attributes[key] != expected[key]:
             raise ValueError(
                 f"Layer '{cell_path}': the adapter file {path!r} has "
-                f"{key}={_plain(attributes.get(key))!r} but the model's cell "
+                f"{key}={attributes[key]!r} but the model's cell "
                 f"has {key}={expected[key]!r}."
             )
     if not np.isclose(float(attributes["lora_alpha"]), cell.lora_alpha):
@@ -208,16 +291,30 @@ def _check_cell(cell_path, cell, attributes, factors, path, strict):
             f"lora_alpha={float(attributes['lora_alpha'])} but the model's "
             f"cell has lora_alpha={cell.lora_alpha}."
         )
-    for weight in cell.lora_weights:
-        stored = factors.get(weight.name)
-        if stored is None or tuple(stored.shape) != tuple(weight.shape):
-            shape = None if stored is None else tuple(stored.shape)
+    weights = {w.name: w for w in cell.lora_weights}
+    unexpected = sorted(set(header.datasets) - set(weights)) + header.other
+    if unexpected:
+        raise ValueError(
+            f"Layer '{cell_path}': the adapter file {path!r} holds "
+            f"{unexpected}, which are not factors of this layer "
+            f"({sorted(weights)}); refusing it."
+        )
+    for name, weight in weights.items():
+        shape, dtype = header.datasets.get(name, (None, None))
+        if shape != tuple(weight.shape):
             raise ValueError(
-                f"Layer '{cell_path}': factor '{weight.name}' has shape "
+                f"Layer '{cell_path}': factor '{name}' has shape "
                 f"{shape} in {path!r} but {tuple(weight.shape)} in the model."
             )
-    fingerprint = _plain(attributes.get("base_fingerprint"))
-    if strict and fingerprint != expected["base_fingerprint"]:
+        if dtype.kind != "f":
+            raise ValueError(
+                f"Layer '{cell_path}': factor '{name}' in {path!r} has dtype "
+                f"{dtype}; expected floating point."
+            )
+    if (
+        strict
+        and attributes["base_fingerprint"] != expected["base_fingerprint"]
+    ):
         raise ValueError(
             f"Layer '{cell_path}': the model's frozen base weights differ "
             f"from those the adapter in {path!r} was trained on "
@@ -229,7 +326,9 @@ def _check_cell(cell_path, cell, attributes, factors, path, strict):
 def _plain(value):
     """h5py attributes come back as numpy scalars or bytes."""
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode(errors="replace")
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, np.generic):
         return value.item()
     return value

@@ -163,3 +163,134 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["a.lora.weights.h5"]
     keras.backend.clear_session()
+
+
+# -- hostile adapter files: refused before anything is assigned ---------------
+
+
+def saved_adapter(tmp_path, base=None):
+    base = base or sequential_model()
+    path = tmp_path / "a.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(trained_adapter(base, seed=1), path)
+    return base, path
+
+
+def merged_target(base):
+    target = trained_adapter(base, seed=7)
+    keras_rnn_lora.merge_lora(target)
+    return target, [to_numpy(w) for w in target.weights]
+
+
+def assert_untouched(target, before):
+    assert lora_cells(target)["rnn/cell"].lora_merged
+    for b, w in zip(before, target.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(w), b)
+
+
+def rewrite(path, edit):
+    with h5py.File(path, "r+") as file:
+        edit(file, file["rnn/cell"])
+
+
+FACTOR = "lora_recurrent_kernel_b"
+
+
+def replace_dataset(group, name, **kwargs):
+    del group[name]
+    group.create_dataset(name, **kwargs)
+
+
+HOSTILE_EDITS = {
+    "byte_strings": (
+        lambda f, g: replace_dataset(
+            g, FACTOR, data=np.full((2, 18), b"xx", dtype="S2")
+        ),
+        "dtype \\|S2; expected floating point",
+    ),
+    "nan_factor": (
+        lambda f, g: g[FACTOR].write_direct(np.full((2, 18), np.nan, "f4")),
+        "non-finite",
+    ),
+    "merge_overflows": (
+        lambda f, g: [
+            g[name].write_direct(np.full(g[name].shape, 1e30, "f4"))
+            for name in g
+        ],
+        "merged kernel.*non-finite",
+    ),
+    "missing_alpha": (
+        lambda f, g: g.attrs.__delitem__("lora_alpha"),
+        "bad attribute 'lora_alpha': expected a finite number > 0, found "
+        "nothing",
+    ),
+    "text_rank": (
+        lambda f, g: g.attrs.__setitem__("rank", "two"),
+        "bad attribute 'rank': expected an integer, found 'two'",
+    ),
+    "array_targets": (
+        lambda f, g: g.attrs.__setitem__("lora_targets", np.zeros(3)),
+        "bad attribute 'lora_targets'.*non-scalar",
+    ),
+    "unknown_factor": (
+        lambda f, g: g.create_dataset("extra", data=np.zeros(3)),
+        "holds \\['extra'\\], which are not factors",
+    ),
+    "huge_wrong_shape": (
+        lambda f, g: replace_dataset(
+            g, FACTOR, shape=(20000, 20000), dtype="f4"
+        ),
+        "shape \\(20000, 20000\\)",
+    ),
+    "huge_unused": (
+        lambda f, g: f.create_dataset("junk", shape=(20000, 20000), dtype="f4"),
+        "unexpected dataset 'junk'",
+    ),
+    "external_link": (
+        lambda f, g: g.__setitem__(
+            "lora_link", h5py.ExternalLink("/etc/hostname", "/x")
+        ),
+        "link 'rnn/cell/lora_link'",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HOSTILE_EDITS))
+def test_hostile_file_is_refused_before_the_model_is_touched(edit, tmp_path):
+    import tracemalloc
+
+    base, path = saved_adapter(tmp_path)
+    change, match = HOSTILE_EDITS[edit]
+    rewrite(path, change)
+    assert path.stat().st_size < 100_000  # declared, never allocated
+    target, before = merged_target(base)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=match):
+            keras_rnn_lora.load_lora_weights(target, path, strict=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"the loader allocated {peak / 2**20:.0f} MB"
+    assert_untouched(target, before)
+
+
+def test_a_good_file_still_loads_into_a_merged_model(tmp_path):
+    base, path = saved_adapter(tmp_path)
+    target, _ = merged_target(base)
+    keras_rnn_lora.load_lora_weights(target, path)
+    expected = trained_adapter(base, seed=1)
+    np.testing.assert_allclose(
+        to_numpy(target(x_batch(3))), to_numpy(expected(x_batch(3))), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_adapter_files_respect_the_umask(umask, tmp_path):
+    lora_model = trained_adapter(sequential_model())
+    path = tmp_path / "a.lora.weights.h5"
+    previous = os.umask(umask)
+    try:
+        keras_rnn_lora.save_lora_weights(lora_model, path)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

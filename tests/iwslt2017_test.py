@@ -202,3 +202,74 @@ def test_error_empty_and_missing_files(tmp_path):
         iwslt2017.read_split(folder, "dev")
     with pytest.raises(ValueError, match="`max_pairs`"):
         iwslt2017.load_iwslt2017("train", str(tmp_path), max_pairs=0)
+
+
+# -- errors name the file and the line ---------------------------------------
+
+
+def test_invalid_utf8_in_train_names_file_and_line(tmp_path):
+    folder = tiny_release(tmp_path)
+    path = folder / "train.tags.en-de.de"
+    path.write_bytes(b"<url>x</url>\nHallo Welt.\nAuf \xff\xfeWiedersehen.\n")
+    with pytest.raises(
+        IWSLTDataError, match="train.tags.en-de.de, line 3: not valid UTF-8"
+    ):
+        iwslt2017.read_split(folder, "train")
+
+
+def test_invalid_utf8_in_xml_names_file_and_line(tmp_path):
+    folder = tiny_release(tmp_path)
+    path = folder / "IWSLT17.TED.dev2010.en-de.de.xml"
+    data = path.read_bytes().replace(b"Ja. dev2010", b"Ja. \xff\xfe")
+    path.write_bytes(data)
+    line = data[: data.index(b"\xff")].count(b"\n") + 1
+    with pytest.raises(
+        IWSLTDataError, match=f"dev2010.en-de.de.xml, line {line}: not valid"
+    ):
+        iwslt2017.read_split(folder, "validation")
+
+
+def test_line_count_mismatch_names_both_files_and_counts(tmp_path):
+    folder = tiny_release(
+        tmp_path,
+        ["<url>1</url>", "a.", "b.", "<url>2</url>", "c.", "d."],
+        ["<url>1</url>", "A.", "B.", "<url>2</url>", "C."],
+    )
+    with pytest.raises(IWSLTDataError) as error:
+        iwslt2017.read_split(folder, "train")
+    message = str(error.value)
+    assert "train.tags.en-de.de has 3 content lines and" in message
+    assert "train.tags.en-de.en has 4" in message
+    assert "line 6 of" in message  # the first unpaired English line
+    assert "talk 2: 2 content lines from line 5 of" in message
+    assert "1 from line 5 of" in message
+
+
+def test_seg_without_id_names_the_line(tmp_path):
+    folder = tiny_release(tmp_path)
+    path = folder / "IWSLT17.TED.tst2011.en-de.en.xml"
+    text = path.read_text().replace('<seg id="2">', "<seg>")
+    path.write_text(text)
+    line = text[: text.index("<seg>")].count("\n") + 1
+    with pytest.raises(
+        IWSLTDataError,
+        match=f"tst2011.en-de.en.xml, line {line}: a <seg> without an id",
+    ):
+        iwslt2017.read_split(folder, "test")
+
+
+def test_duplicate_seg_and_entity_declarations_are_refused(tmp_path):
+    folder = tiny_release(tmp_path)
+    path = folder / "IWSLT17.TED.dev2010.en-de.en.xml"
+    text = path.read_text()
+    path.write_text(text.replace('<seg id="2">', '<seg id="1">'))
+    with pytest.raises(IWSLTDataError, match="seg id 1 appears twice.*line"):
+        iwslt2017.read_split(folder, "validation")
+    bomb = (
+        '<?xml version="1.0"?>\n<!DOCTYPE m [<!ENTITY a "aaaaaaaaaa">'
+        '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>\n'
+        '<mteval><doc docid="1"><seg id="1">&b;</seg></doc></mteval>\n'
+    )
+    path.write_text(bomb)
+    with pytest.raises(IWSLTDataError, match="line 2: declares the entity"):
+        iwslt2017.read_split(folder, "validation")

@@ -12,8 +12,8 @@ import hashlib
 import os
 import re
 import tarfile
-import xml.etree.ElementTree as ElementTree
 import zipfile
+from xml.parsers import expat
 
 import tensorflow_datasets as tfds
 
@@ -52,10 +52,21 @@ def normalize(text):
 
 
 def _read_lines(path):
+    """The lines of a UTF-8 text file; bad UTF-8 names the file and line."""
     if not os.path.isfile(path):
         raise IWSLTDataError(f"Missing file: {path}")
-    with open(path, encoding="utf-8") as file:
-        lines = file.read().split("\n")
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - data.rfind(b"\n", 0, error.start)
+        raise IWSLTDataError(
+            f"{path}, line {line}: not valid UTF-8 ({error.reason} at byte "
+            f"{column} of the line)"
+        ) from None
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if not any(line.strip() for line in lines):
@@ -63,58 +74,133 @@ def _read_lines(path):
     return lines
 
 
-def _content_lines(path):
-    """`(line_number, text)` of every line not starting with `<`."""
-    return [
-        (number, normalize(line))
-        for number, line in enumerate(_read_lines(path), start=1)
-        if not line.strip().startswith("<")
-    ]
+def _talks(path):
+    """The content lines of a `train.tags` file as `(line_number, text)`,
+    grouped into talks: a run of metadata lines (`<url>`, `<talkid>`, ...)
+    starts a new talk. A file without metadata is one talk."""
+    talks, in_metadata = [[]], False
+    for number, line in enumerate(_read_lines(path), start=1):
+        if line.strip().startswith("<"):
+            in_metadata = True
+            continue
+        if in_metadata and talks[-1]:
+            talks.append([])
+        in_metadata = False
+        talks[-1].append((number, normalize(line)))
+    return talks
 
 
 def read_train(en_path, de_path):
     """Pairs the content lines of the `train.tags` files, line by line.
 
     Returns `(pairs, dropped)`: the pairs and the number dropped because
-    one side was empty.
+    one side was empty. Files that do not pair up raise `IWSLTDataError`
+    with both counts and, where the files mark their talks, the first talk
+    where they differ.
     """
-    en_lines, de_lines = _content_lines(en_path), _content_lines(de_path)
+    en_talks, de_talks = _talks(en_path), _talks(de_path)
+    en_lines = [line for talk in en_talks for line in talk]
+    de_lines = [line for talk in de_talks for line in talk]
     if len(en_lines) != len(de_lines):
-        shorter = en_path if len(en_lines) < len(de_lines) else de_path
-        count = min(len(en_lines), len(de_lines))
-        longer_lines = de_lines if shorter == en_path else en_lines
-        raise IWSLTDataError(
-            f"{shorter} has {count} content lines but its pair has "
-            f"{len(longer_lines)}: the first unpaired line is line "
-            f"{longer_lines[count][0]} of "
-            f"{de_path if shorter == en_path else en_path}"
-        )
+        raise IWSLTDataError(_mismatch(en_path, en_talks, de_path, de_talks))
     return _keep_non_empty(
         (en, de) for (_, en), (_, de) in zip(en_lines, de_lines, strict=True)
     )
 
 
+def _mismatch(en_path, en_talks, de_path, de_talks):
+    counts = {
+        path: sum(len(talk) for talk in talks)
+        for path, talks in ((en_path, en_talks), (de_path, de_talks))
+    }
+    shorter, longer = sorted(counts, key=counts.get)
+    longer_lines = [
+        line
+        for talk in (de_talks if longer == de_path else en_talks)
+        for line in talk
+    ]
+    message = (
+        f"{shorter} has {counts[shorter]} content lines and {longer} has "
+        f"{counts[longer]}: the files must pair line by line; the first "
+        f"unpaired line is line {longer_lines[counts[shorter]][0]} of "
+        f"{longer}."
+    )
+    if len(en_talks) == len(de_talks) > 1:
+        for index, (en, de) in enumerate(
+            zip(en_talks, de_talks, strict=True), start=1
+        ):
+            if len(en) != len(de):
+                message += (
+                    f" The first talk that differs is talk {index}: "
+                    f"{len(en)} content lines from line {en[0][0]} of "
+                    f"{en_path}, {len(de)} from line {de[0][0]} of "
+                    f"{de_path}."
+                )
+                break
+    return message
+
+
 def _segments(path):
-    """`{(docid, seg id): text}` of an IWSLT XML file, in file order."""
+    """`{(docid, seg id): text}` of an IWSLT XML file, in file order.
+
+    Parsed with expat, so every error names the file and line; entity
+    declarations (the way to an entity-expansion attack) are refused.
+    """
     if not os.path.isfile(path):
         raise IWSLTDataError(f"Missing file: {path}")
-    try:
-        root = ElementTree.parse(path).getroot()
-    except ElementTree.ParseError as error:
-        raise IWSLTDataError(f"{path}: not valid XML ({error})") from None
-    segments = {}
-    for doc in root.iter("doc"):
-        docid = doc.get("docid")
-        for seg in doc.iter("seg"):
-            key = (docid, seg.get("id"))
-            if key in segments:
-                raise IWSLTDataError(
-                    f"{path}: seg id {key[1]} appears twice in doc {docid}"
+    parser = expat.ParserCreate()
+    segments, first_line = {}, {}
+    state = {"doc": None, "in_doc": False, "seg": None, "text": []}
+
+    def fail(message):
+        line = parser.CurrentLineNumber
+        raise IWSLTDataError(f"{path}, line {line}: {message}")
+
+    def start(name, attributes):
+        if name == "doc":
+            state["doc"], state["in_doc"] = attributes.get("docid"), True
+        elif name == "seg" and state["in_doc"]:
+            seg_id, docid = attributes.get("id"), state["doc"]
+            if seg_id is None:
+                fail(f"a <seg> without an id (in doc {docid})")
+            key = (docid, seg_id)
+            if key in segments or key == state["seg"]:
+                fail(
+                    f"seg id {seg_id} appears twice in doc {docid} (first "
+                    f"at line {first_line[key]})"
                 )
-            segments[key] = normalize(seg.text or "")
+            first_line[key] = parser.CurrentLineNumber
+            state["seg"], state["text"] = key, []
+
+    def end(name):
+        if name == "seg" and state["seg"] is not None:
+            segments[state["seg"]] = normalize("".join(state["text"]))
+            state["seg"] = None
+        elif name == "doc":
+            state["in_doc"] = False
+
+    def text(data):
+        if state["seg"] is not None:
+            state["text"].append(data)
+
+    def entity_declaration(name, *args):
+        fail(f"declares the entity {name!r}; IWSLT files declare none")
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    parser.EntityDeclHandler = entity_declaration
+    try:
+        with open(path, "rb") as file:
+            parser.ParseFile(file)
+    except expat.ExpatError as error:
+        raise IWSLTDataError(
+            f"{path}, line {error.lineno}: not valid XML "
+            f"({expat.errors.messages[error.code]})"
+        ) from None
     if not segments:
         raise IWSLTDataError(f"Empty file: {path} holds no <seg> element")
-    return segments
+    return segments, first_line
 
 
 def read_xml(en_path, de_path):
@@ -122,17 +208,18 @@ def read_xml(en_path, de_path):
 
     Returns `(pairs, dropped)` as `read_train`.
     """
-    en, de = _segments(en_path), _segments(de_path)
-    for this, other, this_path, other_path in (
-        (en, de, en_path, de_path),
-        (de, en, de_path, en_path),
+    (en, en_lines), (de, de_lines) = _segments(en_path), _segments(de_path)
+    for this, other, lines, this_path, other_path in (
+        (en, de, en_lines, en_path, de_path),
+        (de, en, de_lines, de_path, en_path),
     ):
         unpaired = [key for key in this if key not in other]
         if unpaired:
             docid, seg_id = unpaired[0]
             raise IWSLTDataError(
                 f"{this_path}: doc {docid} seg id {seg_id} has no pair in "
-                f"{other_path} ({len(unpaired)} unpaired in all)"
+                f"{other_path} (the seg is at line {lines[unpaired[0]]}; "
+                f"{len(unpaired)} unpaired in all)"
             )
     return _keep_non_empty((en[key], de[key]) for key in en)
 
@@ -265,6 +352,22 @@ def source_fingerprint(source):
         stat = os.stat(path)
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
+
+
+def content_fingerprint(release_dir):
+    """SHA-256 of the content of every file the splits are read from in an
+    unpacked release folder: changed data under the same path changes it."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for pair in _release_files(release_dir, split):
+            for path in pair:
+                if not os.path.isfile(path):
+                    raise IWSLTDataError(f"Missing file: {path}")
+                digest.update(os.path.basename(path).encode() + b"\0")
+                with open(path, "rb") as file:
+                    for block in iter(lambda: file.read(1 << 20), b""):
+                        digest.update(block)
+    return digest.hexdigest()
 
 
 def default_cache_dir():

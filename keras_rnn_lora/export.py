@@ -16,8 +16,10 @@ and renamed into place; an existing version is never replaced unless
 server up on load.
 """
 
+import errno
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,29 +71,42 @@ def export_translator(
     Returns:
         The path of the written version folder.
 
+    The version folder appears complete or not at all. Without `version`,
+    concurrent exports to one root each get their own number: a number is
+    claimed by renaming the finished export onto it, which fails if another
+    export got there first (then the next number is taken). With
+    `overwrite=True` the old version is moved aside, the new one renamed in
+    and the old one deleted; if that is interrupted, the next export to the
+    same root puts the old version back. Staging folders left by a killed
+    export are removed by the next one.
+
     On the JAX or PyTorch backend the model is carried, through a `.keras`
     file, into a TensorFlow-backend process that writes the export.
     """
-    if not isinstance(max_length, int) or max_length < 1:
+    if (
+        isinstance(max_length, bool)
+        or not isinstance(max_length, int)
+        or max_length < 1
+    ):
         raise ValueError(
             "Received an invalid value for `max_length`, expected a positive "
             f"integer. Received: max_length={max_length!r}"
         )
-    if version is not None and (not isinstance(version, int) or version < 1):
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
         raise ValueError(
             "Received an invalid value for `version`, expected a positive "
             f"integer or None. Received: version={version!r}"
         )
     model_dir = os.path.join(os.path.abspath(export_dir), name)
-    version = version or (max(_versions(model_dir), default=0) + 1)
-    target = os.path.join(model_dir, str(version))
-    if os.path.exists(target) and not overwrite:
-        raise FileExistsError(
-            f"Export version {target} already exists. Pass overwrite=True to "
-            "replace it, or leave `version` unset for the next free one."
-        )
     os.makedirs(model_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
+    _recover(model_dir)
+    if version is not None and not overwrite:
+        _refuse_existing(os.path.join(model_dir, str(version)))
+    staging = tempfile.mkdtemp(
+        prefix=f"{_owner_prefix('.tmp')}-", dir=model_dir
+    )
     try:
         write = (
             _write_savedmodel
@@ -107,21 +122,102 @@ def export_translator(
             max_length,
             merge,
         )
-        _swap_into_place(staging, target)
+        export = os.path.join(staging, "export")
+        if version is None:
+            return _publish_next(export, model_dir)
+        target = os.path.join(model_dir, str(version))
+        if overwrite and os.path.exists(target):
+            _replace(export, target, model_dir, version)
+        else:
+            _claim(export, target)
+        return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
-def _swap_into_place(staging, target):
-    export = os.path.join(staging, "export")
-    if os.path.exists(target):  # overwrite=True: move the old one aside
-        trash = f"{staging}-old"
-        os.rename(target, trash)
+def _refuse_existing(target):
+    if os.path.exists(target):
+        raise FileExistsError(
+            f"Export version {target} already exists. Pass overwrite=True to "
+            "replace it, or leave `version` unset for the next free one."
+        )
+
+
+def _claim(export, target):
+    """Renames `export` onto `target`, which must not exist yet."""
+    try:
         os.rename(export, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+    except OSError as error:
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            _refuse_existing(target)
+        raise
+
+
+def _publish_next(export, model_dir):
+    """Claims the next free version number for `export`."""
+    while True:
+        target = os.path.join(
+            model_dir, str(max(_versions(model_dir), default=0) + 1)
+        )
+        try:
+            _claim(export, target)
+            return target
+        except FileExistsError:
+            continue  # another export took this number first
+
+
+def _replace(export, target, model_dir, version):
+    """Swaps `export` in for the existing `target`, recoverably: the old
+    version waits in a hidden folder named after it until the new one is in
+    place, and is put back if the swap fails or is interrupted."""
+    old = os.path.join(model_dir, f"{_owner_prefix('.old')}-v{version}")
+    os.rename(target, old)
+    try:
         os.rename(export, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner_prefix(kind):
+    """`<kind>-<host>-<pid>`: who made a hidden folder, so that only folders
+    of processes that are gone are recovered or removed."""
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _orphaned(name, kind):
+    """Whether hidden folder `name` of `kind` belongs to a dead process on
+    this host."""
+    parts = name.split("-")
+    if len(parts) < 4 or parts[0] != kind:
+        return False
+    host, pid = "-".join(parts[1:-2]), parts[-2]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _recover(model_dir):
+    """Undoes what killed exports left behind in `model_dir`: an old version
+    moved aside by an interrupted overwrite goes back (or, if its
+    replacement made it, away), staging folders are removed."""
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if _orphaned(name, ".old"):
+            target = os.path.join(model_dir, name.rsplit("-v", 1)[1])
+            if os.path.exists(target):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, target)
+        elif _orphaned(name, ".tmp"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _serving_model(model, merge):

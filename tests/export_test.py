@@ -3,6 +3,7 @@ through a TensorFlow-backend subprocess)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -303,3 +304,111 @@ def test_serving_client_rest_request(translator, tmp_path):
     expected = seq2seq.translate(model, SENTENCES, src, tgt, MAX_LENGTH)
     for sentence, translation in zip(SENTENCES, expected, strict=True):
         assert f"{sentence}\n  -> {translation}" in result.stdout
+
+
+# -- versions under concurrency, interrupted overwrites, stale folders -------
+
+
+def dead_pid():
+    process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+    )
+    return int(process.stdout)
+
+
+def published(path, marker):
+    os.makedirs(path)
+    with open(os.path.join(path, "saved_model.pb"), "w") as file:
+        file.write(marker)
+
+
+def test_concurrent_export_takes_the_next_version(
+    translator, tmp_path, monkeypatch
+):
+    """Another export publishes version 1 while this one is writing: this
+    one takes 2 and version 1 stays the other's."""
+    model, src, tgt = translator
+    model_dir = tmp_path / "iwslt_en_de"
+    writer = (
+        "_write_savedmodel"
+        if BACKEND == "tensorflow"
+        else "_write_in_tensorflow_process"
+    )
+    real_write = getattr(export, writer)
+
+    def write_while_another_publishes(*args):
+        real_write(*args)
+        published(model_dir / "1", "the other export")
+
+    monkeypatch.setattr(export, writer, write_while_another_publishes)
+    path = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    assert path == str(model_dir / "2")
+    assert (model_dir / "1" / "saved_model.pb").read_text() == (
+        "the other export"
+    )
+    # An explicit version that another export took meanwhile is refused.
+    monkeypatch.setattr(
+        export,
+        writer,
+        lambda *args: (real_write(*args), published(model_dir / "3", "x")),
+    )
+    with pytest.raises(FileExistsError, match="3 already exists"):
+        export.export_translator(
+            model, src, tgt, tmp_path, version=3, max_length=4
+        )
+    assert (model_dir / "3" / "saved_model.pb").read_text() == "x"
+    assert sorted(os.listdir(model_dir)) == ["1", "2", "3"]
+
+
+def test_failed_overwrite_keeps_the_old_version(
+    translator, tmp_path, monkeypatch
+):
+    model, src, tgt = translator
+    first = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    before = open(os.path.join(first, "saved_model.pb"), "rb").read()
+    real_rename = os.rename
+
+    def fail_second_rename(source, target):
+        if os.path.basename(source) == "export":
+            raise OSError("disk failure between the two renames")
+        real_rename(source, target)
+
+    monkeypatch.setattr(export.os, "rename", fail_second_rename)
+    with pytest.raises(OSError, match="between the two renames"):
+        export.export_translator(
+            model, src, tgt, tmp_path, version=1, max_length=4, overwrite=True
+        )
+    monkeypatch.undo()
+    assert open(os.path.join(first, "saved_model.pb"), "rb").read() == before
+    assert os.listdir(tmp_path / "iwslt_en_de") == ["1"]
+
+
+def test_next_export_recovers_a_killed_overwrite_and_stale_staging(
+    translator, tmp_path
+):
+    """A process killed between the two renames of an overwrite left its
+    old version in a hidden folder and no version 1; another left a staging
+    folder. The next export puts version 1 back and takes number 2."""
+    model, src, tgt = translator
+    model_dir = tmp_path / "iwslt_en_de"
+    host, pid = socket.gethostname(), dead_pid()
+    published(model_dir / f".old-{host}-{pid}-v1", "old version 1")
+    published(model_dir / f".tmp-{host}-{pid}-abc123" / "export", "partial")
+    alive = model_dir / f".tmp-{host}-{os.getpid()}-live"
+    published(alive, "an export in progress in a live process")
+    path = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    assert path == str(model_dir / "2")
+    assert (model_dir / "1" / "saved_model.pb").read_text() == "old version 1"
+    assert sorted(os.listdir(model_dir)) == sorted(["1", "2", alive.name])
+
+
+@pytest.mark.parametrize("version", [True, False, 0, -1, 1.0, "2"])
+def test_version_must_be_a_positive_integer(translator, tmp_path, version):
+    model, src, tgt = translator
+    with pytest.raises(ValueError, match="`version`, expected a positive"):
+        export.export_translator(
+            model, src, tgt, tmp_path, version=version, max_length=4
+        )
+    assert not (tmp_path / "iwslt_en_de" / "True").exists()

@@ -37,6 +37,7 @@ pairs, GRU 256) about half an hour. `--preset paper` is sized for a GPU.
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,12 +49,19 @@ import time
 ARMS = ("full", "lora", "lora_kernel", "lora_bf16", "frozen")
 DEFAULT_ARMS = "full,lora,frozen"
 PRETRAIN_FRACTION = 0.5  # the paper: an initial half, then newly arrived data
-HELDOUT_PAIRS = 500  # pairs of the initial part kept out to measure forgetting
-VOCAB_SIZE = 4000  # per language, SentencePiece unigram; 8,000 left most
-# pieces rare in a 10,000-pair initial part and learned slower on a CPU budget
-MAX_LENGTH = 50  # tokens per side; longer sentences are truncated
-BATCH_SIZE = 64
 SEED = 1234
+# Settings every run has; a preset and --smoke change some of them, and an
+# argument given on the command line always wins over both.
+DEFAULTS = {
+    "max_pairs": None,  # training pairs to read (None: all the files hold)
+    "eval_pairs": None,  # cap on test pairs (None: the whole test set)
+    "heldout_pairs": 500,  # initial pairs kept out to measure forgetting
+    # Per language, SentencePiece unigram; 8,000 left most pieces rare in a
+    # 10,000-pair initial part and learned slower on a CPU budget.
+    "vocab_size": 4000,
+    "max_length": 50,  # tokens per side; longer sentences are truncated
+    "batch_size": 64,
+}
 PRESETS = {
     # Fits a 2-core CPU in about half an hour for the whole protocol.
     "cpu": {
@@ -86,6 +94,20 @@ SMOKE = {
     "eval_pairs": 40,
     "batch_size": 32,
 }
+SETTING_TYPES = {
+    "max_pairs": int,
+    "eval_pairs": int,
+    "heldout_pairs": int,
+    "vocab_size": int,
+    "max_length": int,
+    "batch_size": int,
+    "embedding_dim": int,
+    "units": int,
+    "rank": int,
+    "pretrain_epochs": int,
+    "update_epochs": int,
+    "learning_rate": float,
+}
 # The paper's reported reductions of LoRA against full fine-tuning.
 PAPER = {
     "time_reduction": 0.837,
@@ -107,33 +129,28 @@ def parse_args(argv=None):
     add("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {ARMS}")
     add("--preset", choices=sorted(PRESETS), default="cpu")
     add("--smoke", action="store_true", help="a few hundred pairs, tiny model")
-    add("--max-pairs", type=int, default=None, help="training pairs to read")
-    add("--eval-pairs", type=int, default=None, help="cap on test pairs")
-    add("--heldout-pairs", type=int, default=HELDOUT_PAIRS)
-    add("--vocab-size", type=int, default=VOCAB_SIZE)
-    add("--max-length", type=int, default=MAX_LENGTH)
-    add("--batch-size", type=int, default=BATCH_SIZE)
     add("--seed", type=int, default=SEED)
-    for key in PRESETS["cpu"]:
-        add(f"--{key.replace('_', '-')}", type=type(PRESETS["cpu"][key]))
+    for key, kind in SETTING_TYPES.items():
+        add(
+            f"--{key.replace('_', '-')}",
+            type=kind,
+            default=None,
+            help=f"default: the preset's ({DEFAULTS.get(key)} or per preset)",
+        )
     add("--run-arm", help=argparse.SUPPRESS)  # internal: one arm, in a child
     args = parser.parse_args(argv)
-    settings = dict(PRESETS[args.preset])
+    settings = {**DEFAULTS, **PRESETS[args.preset]}
     if args.smoke:
         settings.update(SMOKE)
-        args.vocab_size = SMOKE["vocab_size"]
-        args.heldout_pairs = SMOKE["heldout_pairs"]
-        args.batch_size = SMOKE["batch_size"]
-        args.max_pairs = args.max_pairs or SMOKE["max_pairs"]
-        args.eval_pairs = args.eval_pairs or SMOKE["eval_pairs"]
-    for key in PRESETS["cpu"]:
-        if getattr(args, key) is None:
-            setattr(args, key, settings[key])
+    for key, value in settings.items():
+        if getattr(args, key) is None:  # given on the command line: wins
+            setattr(args, key, value)
     return parser, args
 
 
 def check_args(parser, args):
-    """One clear line per bad argument, never a traceback."""
+    """Every argument checked before any work: one clear line each, never
+    a traceback."""
     if not 0.0 < args.pretrain_fraction < 1.0:
         parser.error(
             "--pretrain-fraction must lie strictly between 0 and 1, got "
@@ -149,18 +166,55 @@ def check_args(parser, args):
     # No --data-dir and no IWSLT2017_DIR: the TFDS builder downloads.
     if args.data_dir and not os.path.exists(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist")
-    for name in ("rank", "units", "batch_size", "max_length", "vocab_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+    minimum = {
+        "units": 1,
+        "embedding_dim": 1,
+        "batch_size": 1,
+        "pretrain_epochs": 1,
+        "update_epochs": 1,
+        "max_length": 2,  # [START] or [END] plus one token
+        "vocab_size": 8,  # the four special pieces and a few more
+        "heldout_pairs": 0,
+        "max_pairs": 1,
+        "eval_pairs": 1,
+    }
+    for name, low in minimum.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(
+                f"--{name.replace('_', '-')} must be at least {low}, got "
+                f"{value}"
+            )
+    if not 1 <= args.rank <= args.units:
+        parser.error(
+            f"--rank must lie in [1, --units={args.units}], got {args.rank}"
+        )
+    rate = args.learning_rate
+    if not (math.isfinite(rate) and rate > 0):
+        parser.error(f"--learning-rate must be finite and > 0, got {rate}")
 
 
 def run_key(args):
-    """A fingerprint of everything that changes results: a resumed run only
-    reuses work made with the same settings."""
+    """A fingerprint of everything that changes results: the settings and
+    the content of the data files, so a resumed run only reuses work made
+    from the same settings and the same data."""
     keys = sorted(k for k in vars(args) if k not in ("run_arm", "arm_list"))
     keys = [k for k in keys if k not in ("output_dir", "export_dir", "arms")]
-    text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
+    keys = [k for k in keys if k != "data_dir"]
+    settings = {k: getattr(args, k) for k in keys}
+    settings["data"] = data_fingerprint(args)
+    text = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def data_fingerprint(args):
+    """SHA-256 of the release files' content (or "download" when the TFDS
+    builder fetches the data)."""
+    from keras_rnn_lora.data import iwslt2017
+
+    if not args.data_dir:
+        return "download"
+    return iwslt2017.content_fingerprint(iwslt2017.find_release(args.data_dir))
 
 
 def write_json(path, data):
@@ -194,6 +248,10 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+    def peak_mb(self):
+        """The peak so far above the baseline, in MB."""
+        return (max(self.peak, rss_bytes()) - self.baseline) / 2**20
 
 
 # -- Data ----------------------------------------------------------------------
@@ -279,42 +337,65 @@ def build_arm(args, arm, pretrained_path):
 # -- Train ---------------------------------------------------------------------
 
 
-class EpochClock:
-    """Wall time of each epoch and the validation perplexity at its end."""
+class EpochLog:
+    """Wall time and validation perplexity of each epoch, and the peak
+    resident memory, persisted at every epoch end beside the checkpoint.
 
-    def __init__(self):
+    A run killed mid-phase and resumed (`BackupAndRestore` restarts after
+    the last finished epoch) thus reports every epoch's time as measured,
+    not only the resumed ones. An epoch whose time was lost (killed after
+    its checkpoint but before this log was written) stays `None`: reported
+    as not measured, never guessed.
+    """
+
+    def __init__(self, path, memory=None):
         import keras
 
+        self.path = path
+        self.memory = memory
+        saved = {}
+        if os.path.exists(path):
+            with open(path) as file:
+                saved = json.load(file)
+        self.seconds = {int(k): v for k, v in saved.get("seconds", {}).items()}
+        self.val = {int(k): v for k, v in saved.get("val", {}).items()}
+        self.peak_mb = saved.get("peak_mb", 0.0)
+        self.processes = saved.get("processes", 0) + 1
+        log = self
+
         class Callback(keras.callbacks.Callback):
-            def on_epoch_begin(cb, epoch, logs=None):
-                self._start = time.perf_counter()
+            def on_epoch_begin(self, epoch, logs=None):
+                log._start = time.perf_counter()
 
-            def on_epoch_end(cb, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self._start)
-                self.val_perplexity.append((logs or {}).get("val_perplexity"))
-                _maybe_kill_for_tests(epoch)
+            def on_epoch_end(self, epoch, logs=None):
+                log.seconds[epoch] = time.perf_counter() - log._start
+                log.val[epoch] = (logs or {}).get("val_perplexity")
+                log.save()
 
-        self.seconds, self.val_perplexity = [], []
         self.callback = Callback()
 
+    def save(self):
+        if self.memory is not None:
+            self.peak_mb = max(self.peak_mb, self.memory.peak_mb())
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json(
+            self.path,
+            {
+                "seconds": self.seconds,
+                "val": self.val,
+                "peak_mb": self.peak_mb,
+                "processes": self.processes,
+            },
+        )
 
-def _maybe_kill_for_tests(epoch):
-    """Fault injection for the resume test: SIGKILL this process after the
-    epoch given in KERAS_RNN_LORA_KILL_AFTER_EPOCH (once per marker file)."""
-    spec = os.environ.get("KERAS_RNN_LORA_KILL_AFTER_EPOCH")
-    if not spec:
-        return
-    marker, target = spec.rsplit(":", 1)
-    if epoch + 1 == int(target) and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), 9)
+    def series(self, epochs, values):
+        return [values.get(i) for i in range(epochs)]
 
 
-def fit(args, model, data, epochs, backup_dir):
+def fit(args, model, data, epochs, backup_dir, log):
     import keras
 
-    clock = EpochClock()
-    history = model.fit(
+    return model.fit(
         batches(args, data["train"], data["tokenizers"], shuffle=True),
         validation_data=batches(
             args, data["validation"], data["tokenizers"], shuffle=False
@@ -324,11 +405,10 @@ def fit(args, model, data, epochs, backup_dir):
             keras.callbacks.BackupAndRestore(
                 backup_dir, delete_checkpoint=False
             ),
-            clock.callback,
+            log.callback,
         ],
         verbose=2,
     )
-    return clock, history
 
 
 def pretrain(args, data):
@@ -353,6 +433,7 @@ def pretrain(args, data):
         {**data, "train": data["initial"]},
         args.pretrain_epochs,
         os.path.join(args.output_dir, "backup", "pretrain"),
+        EpochLog(os.path.join(args.output_dir, "progress", "pretrain.json")),
     )
     temporary = path.replace(".keras", ".tmp.keras")
     model.save(temporary)
@@ -370,26 +451,36 @@ def run_arm(args, arm):
     pretrained = os.path.join(args.output_dir, "pretrained.keras")
     model = build_arm(args, arm, pretrained)
     summary = keras_rnn_lora.lora_summary(model, print_fn=None)
-    clock = EpochClock()
+    epochs = args.update_epochs if arm != "frozen" else 0
     with PeakRSS() as memory:
-        if arm != "frozen":
+        log = EpochLog(
+            os.path.join(args.output_dir, "progress", f"{arm}.json"), memory
+        )
+        if epochs:
             print(f"\n== Arm {arm}: learning {len(data['new']):,} new pairs")
-            clock, _ = fit(
+            fit(
                 args,
                 model,
                 {**data, "train": data["new"]},
-                args.update_epochs,
+                epochs,
                 os.path.join(args.output_dir, "backup", arm),
+                log,
             )
+        log.save()
+    seconds = log.series(epochs, log.seconds)
+    measured = all(s is not None for s in seconds)
     result = {
         "arm": arm,
         "backend": keras.backend.backend(),
         "trainable_params": summary["trainable"],
         "total_params": summary["total"],
-        "epoch_seconds": clock.seconds,
-        "train_seconds": sum(clock.seconds),
-        "val_perplexity_curve": clock.val_perplexity,
-        "peak_rss_mb": (memory.peak - memory.baseline) / 2**20,
+        "epoch_seconds": seconds,
+        # None when an epoch's time was lost to a kill: not measured.
+        "train_seconds": sum(seconds) if measured else None,
+        "val_perplexity_curve": log.series(epochs, log.val),
+        # The highest peak of every process that trained this arm.
+        "peak_rss_mb": log.peak_mb,
+        "resumed": log.processes > 1,
         "device_peak_mb": device_peak_mb(),
     }
     result.update(evaluate(args, model, data))
@@ -478,10 +569,17 @@ def evaluate(args, model, data):
     }
 
 
+def number(value, spec, missing="not measured"):
+    """`value` formatted with `spec`, or `missing` for a value the run did
+    not measure (None)."""
+    return missing if value is None else format(value, spec)
+
+
 def one_line(r):
     return (
         f"[{r['arm']}] trainable {r['trainable_params']:,} | "
-        f"train {r['train_seconds']:.1f}s | peak RSS +{r['peak_rss_mb']:.0f} MB"
+        f"train {number(r['train_seconds'], '.1f')}s | peak RSS "
+        f"+{r['peak_rss_mb']:.0f} MB{' (resumed)' if r['resumed'] else ''}"
         f" | val ppl {r['val_perplexity']:.2f} | test ppl "
         f"{r['test_perplexity']:.2f} | BLEU {r['test_bleu']:.2f} | chrF "
         f"{r['test_chrf']:.2f} | held-out initial ppl "
@@ -498,7 +596,9 @@ def reductions(results):
         return None
 
     def reduction(key):
-        return 1 - lora[key] / full[key] if full[key] else None
+        if lora[key] is None or not full[key]:
+            return None  # a figure the run did not measure
+        return 1 - lora[key] / full[key]
 
     return {
         "time_reduction": reduction("train_seconds"),
@@ -518,13 +618,18 @@ def markdown(args, results, summary):
     ]
     for arm, r in results.items():
         per_epoch = (
-            f"{sum(r['epoch_seconds']) / len(r['epoch_seconds']):.1f}"
+            number(
+                r["train_seconds"]
+                and r["train_seconds"] / len(r["epoch_seconds"]),
+                ".1f",
+            )
             if r["epoch_seconds"]
             else "-"
         )
         rows.append(
-            f"| {arm} | {r['trainable_params']:,} | {per_epoch} | "
-            f"{r['train_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"| {arm}{' (resumed)' if r['resumed'] else ''} | "
+            f"{r['trainable_params']:,} | {per_epoch} | "
+            f"{number(r['train_seconds'], '.1f')} | {r['peak_rss_mb']:.0f} | "
             f"{r['val_perplexity']:.2f} | {r['test_perplexity']:.2f} | "
             f"{r['test_bleu']:.2f} | {r['test_chrf']:.2f} | "
             f"{r['heldout_initial_perplexity']:.2f} |"
@@ -548,9 +653,9 @@ def markdown(args, results, summary):
             "| LoRA vs full fine-tuning | paper | ours |",
             "|---|---:|---:|",
             f"| training time reduction | {PAPER['time_reduction']:.1%} | "
-            f"{red['time_reduction']:.1%} |",
+            f"{number(red['time_reduction'], '.1%')} |",
             f"| peak memory reduction | {PAPER['memory_reduction']:.1%} | "
-            f"{red['memory_reduction']:.1%} |",
+            f"{number(red['memory_reduction'], '.1%')} |",
             f"| trainable parameter reduction | >99.9% | "
             f"{red['trainable_reduction']:.2%} |",
             f"| test perplexity change | equal or better | "
@@ -568,15 +673,14 @@ def plot(path, results):
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, r in results.items():
         if r["epoch_seconds"]:
-            times = [
-                sum(r["epoch_seconds"][: i + 1])
-                for i in range(len(r["epoch_seconds"]))
-            ]
-            curves.plot(times, r["val_perplexity_curve"], marker="o", label=arm)
+            epochs = range(1, len(r["val_perplexity_curve"]) + 1)
+            curves.plot(
+                epochs, r["val_perplexity_curve"], marker="o", label=arm
+            )
         else:
             curves.axhline(r["val_perplexity"], linestyle="--", label=arm)
     curves.set(
-        xlabel="training wall time (s)",
+        xlabel="epoch",
         ylabel="validation perplexity",
         title="Learning the new data",
     )
@@ -585,7 +689,12 @@ def plot(path, results):
     x = range(len(arms))
     bars.bar(
         [i - 0.2 for i in x],
-        [results[a]["train_seconds"] for a in arms],
+        [
+            math.nan
+            if results[a]["train_seconds"] is None
+            else results[a]["train_seconds"]
+            for a in arms
+        ],
         width=0.4,
         label="train time (s)",
     )
@@ -614,6 +723,9 @@ def plot(path, results):
 
 
 def export_best(args, results):
+    """Exports the best LoRA arm, merged; a run started again exports only
+    if that model or its tokenizers changed (else it reuses the version it
+    wrote before)."""
     lora_arms = [a for a in results if a.startswith("lora")]
     if not lora_arms:
         return None
@@ -625,24 +737,35 @@ def export_best(args, results):
         return None
     import keras
 
-    model = keras.saving.load_model(
-        os.path.join(args.output_dir, f"{best}_merged.keras"), compile=False
-    )
     from keras_rnn_lora import text
 
-    tokenizers = [
-        text.load_tokenizer(
-            os.path.join(
-                args.output_dir,
-                "tokenizers",
-                f"spm_{lang}_{args.vocab_size}.model",
-            )
+    model_path = os.path.join(args.output_dir, f"{best}_merged.keras")
+    tokenizer_paths = [
+        os.path.join(
+            args.output_dir, "tokenizers", f"spm_{lang}_{args.vocab_size}.model"
         )
         for lang in ("en", "de")
     ]
-    return export.export_translator(
+    digest = hashlib.sha256(f"{args.max_length}".encode())
+    for path in (model_path, *tokenizer_paths):
+        with open(path, "rb") as file:
+            digest.update(file.read())
+    record_path = os.path.join(args.output_dir, "export.json")
+    if os.path.exists(record_path):
+        with open(record_path) as file:
+            record = json.load(file)
+        if record["fingerprint"] == digest.hexdigest() and os.path.isdir(
+            record["path"]
+        ):
+            print(f"Reusing the export {record['path']} (nothing changed)")
+            return record["path"]
+    model = keras.saving.load_model(model_path, compile=False)
+    tokenizers = [text.load_tokenizer(path) for path in tokenizer_paths]
+    path = export.export_translator(
         model, *tokenizers, args.export_dir, max_length=args.max_length
     )
+    write_json(record_path, {"fingerprint": digest.hexdigest(), "path": path})
+    return path
 
 
 # -- main ----------------------------------------------------------------------
@@ -670,8 +793,8 @@ def main(argv=None):
     key = run_key(args)
     if os.path.exists(key_path) and open(key_path).read() != key:
         parser.error(
-            f"--output-dir {args.output_dir} holds a run with other settings; "
-            "choose another folder or delete it"
+            f"--output-dir {args.output_dir} holds a run with other settings "
+            "or other data; choose another folder or delete it"
         )
     with open(key_path, "w") as file:
         file.write(key)

@@ -412,3 +412,14 @@ def test_version_must_be_a_positive_integer(translator, tmp_path, version):
             model, src, tgt, tmp_path, version=version, max_length=4
         )
     assert not (tmp_path / "iwslt_en_de" / "True").exists()
+
+
+def test_export_refuses_a_non_finite_adapter(translator, tmp_path):
+    model, src, tgt = translator
+    cell = next(iter(keras_rnn_lora.adapters.lora_cells(model).values()))
+    value = keras.ops.convert_to_numpy(cell.lora_weights[1]).copy()
+    value[0, 0] = np.inf
+    cell.lora_weights[1].assign(value)
+    with pytest.raises(ValueError, match="non-finite"):
+        export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    assert os.listdir(tmp_path / "iwslt_en_de") == []

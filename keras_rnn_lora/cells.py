@@ -48,6 +48,30 @@ _LORA_ARGS_DOC = """
 _MERGED_KEY = "lora_merged"
 
 
+class _EffectiveKernelRegularizer(keras.regularizers.Regularizer):
+    """A targeted kernel's regularizer, applied to `W + s*A@B`.
+
+    Attached to the adapter's `B` (which Keras does collect losses from);
+    the value it is called with is ignored. Nothing while the kernel itself
+    is trainable (Keras then regularizes it directly) or the cell is
+    merged (the factors are frozen then, as the kernel is).
+    """
+
+    def __init__(self, cell, target, regularizer):
+        self.cell = cell
+        self.target = target
+        self.regularizer = regularizer
+
+    def __call__(self, _):
+        kernel = getattr(self.cell, lora.KERNEL_ATTRIBUTES[self.target])
+        if kernel.trainable:
+            return ops.zeros((), "float32")
+        return self.regularizer(self.cell.effective_kernel(self.target))
+
+    def get_config(self):
+        return keras.regularizers.serialize(self.regularizer)
+
+
 class _StoredCell:
     """A cell's stored weights, read and checked before any is assigned."""
 
@@ -192,6 +216,15 @@ class _LoRACellMixin:
             prefix = f"lora_{lora.KERNEL_ATTRIBUTES[target]}"
             setattr(self, f"{prefix}_a", a)
             setattr(self, f"{prefix}_b", b)
+            # Keras collects regularization losses of trainable weights
+            # only, and the targeted kernel is frozen: its regularizer rides
+            # on `B` and applies to the effective kernel `W + s*A@B` (the
+            # stock loss while `B = 0`), so it reaches the factors.
+            regularizer = self._kernel(target).regularizer
+            if regularizer is not None:
+                b.regularizer = _EffectiveKernelRegularizer(
+                    self, target, regularizer
+                )
         if self._lora_merged:
             self._set_factors_trainable(False)
 
@@ -531,6 +564,8 @@ class _LoRACellMixin:
             ),
             "lora_merged": self._lora_merged,
         }
+        if hasattr(self, "implementation"):  # Keras' cells drop it
+            config["implementation"] = self.implementation
         base_config = super().get_config()
         return {**base_config, **config}
 
@@ -555,11 +590,10 @@ class _LoRACellMixin:
                 f"keras.layers.{cls._keras_cell.__name__}. "
                 f"Received: cell={type(cell).__name__}"
             )
-        lora_cell = cls(rank=rank, **cell.get_config(), **lora_kwargs)
-        if hasattr(cell, "implementation"):
-            lora_cell.implementation = cell.implementation
-            if cell.implementation == 1 and cls._gates > 1:
-                lora_cell.dropout_mask_count = cls._gates
+        config = cell.get_config()
+        if hasattr(cell, "implementation"):  # not in Keras' cell config
+            config["implementation"] = cell.implementation
+        lora_cell = cls(rank=rank, **config, **lora_kwargs)
         if cell.built:
             lora_cell.build((None, cell.kernel.shape[0]))
             for name in ("kernel", "recurrent_kernel", "bias"):

@@ -51,6 +51,21 @@ def accelerator_present():
     return False
 
 
+class _NotWhileUnmerged:
+    """What `use_cudnn` reads as outside the layer while an unmerged adapter
+    is active (see `_LoRALayerMixin.use_cudnn`): falsy, and neither `True`
+    nor `"auto"`, so fused kernels reading the raw kernels stay off."""
+
+    def __bool__(self):
+        return False
+
+    def __repr__(self):
+        return "NOT_WHILE_UNMERGED"
+
+
+NOT_WHILE_UNMERGED = _NotWhileUnmerged()
+
+
 class _EffectiveKernels:
     """A stand-in for a LoRA cell whose kernels read `W + s*A@B`.
 
@@ -86,9 +101,10 @@ class _LoRALayerMixin:
         # A throwaway stock layer validates every stock argument with Keras'
         # own messages and gives the cell's full configuration.
         stock = self._keras_layer(units, **kwargs)
-        cell = self._lora_cell(
-            rank=rank, **lora_kwargs, **stock.cell.get_config()
-        )
+        cell_config = stock.cell.get_config()
+        if hasattr(stock.cell, "implementation"):  # not in Keras' config
+            cell_config["implementation"] = stock.cell.implementation
+        cell = self._lora_cell(rank=rank, **lora_kwargs, **cell_config)
         keras.layers.RNN.__init__(
             self,
             cell,
@@ -100,9 +116,33 @@ class _LoRALayerMixin:
         )
         self.input_spec = stock.input_spec
         if hasattr(stock, "use_cudnn"):
-            self.use_cudnn = stock.use_cudnn
+            self._use_cudnn = stock.use_cudnn
             # cuDNN ops are not XLA ops: as Keras does for the stock layers.
             self.supports_jit = stock.supports_jit or not accelerator_present()
+
+    @property
+    def use_cudnn(self):
+        """The layer's `use_cudnn` setting, as code outside the layer reads
+        it: off (`NOT_WHILE_UNMERGED`, falsy) while an unmerged adapter is
+        active, the setting itself when merged.
+
+        Keras' `Bidirectional` hands `cell.kernel` and
+        `cell.recurrent_kernel` straight to its fused bidirectional kernel
+        (cuDNN on a GPU) when `use_cudnn` allows it, which would skip the
+        adapter; reading it as off sends it to its two-layer path, where
+        each direction runs this layer's own fused path with `W + s*A@B`.
+        `get_config()` and this layer's own dispatch use the setting itself.
+        """
+        if self.cell.lora_merged or isinstance(self.cell, _EffectiveKernels):
+            return self._use_cudnn
+        return NOT_WHILE_UNMERGED
+
+    @use_cudnn.setter
+    def use_cudnn(self, value):
+        # Keras' Bidirectional copies `use_cudnn` from the layer it wraps
+        # onto its halves: the marker must not overwrite their setting.
+        if value is not NOT_WHILE_UNMERGED:
+            self._use_cudnn = value
 
     @property
     def lora_weights(self):
@@ -123,7 +163,7 @@ class _LoRALayerMixin:
     def _fusable(self, training):
         return (
             accelerator_present()
-            and getattr(self, "use_cudnn", False) in ("auto", True)
+            and getattr(self, "_use_cudnn", False) in ("auto", True)
             and not (training and self.cell.lora_dropout > 0)
         )
 
@@ -152,6 +192,10 @@ class _LoRALayerMixin:
         config = self._keras_layer.get_config(self)
         cell_config = self.cell.get_config()
         config.update({key: cell_config[key] for key in lora.LORA_CONFIG_KEYS})
+        if hasattr(self, "_use_cudnn"):
+            config["use_cudnn"] = self._use_cudnn
+        if "implementation" in cell_config:
+            config["implementation"] = cell_config["implementation"]
         return config
 
 

@@ -651,3 +651,48 @@ def test_set_lora_factors_checks_before_assigning():
     assert cell.lora_merged
     cell.unmerge_lora()
     np.testing.assert_array_equal(to_numpy(cell.lora_weights[0]), a * 2)
+
+
+# -- regularizers on frozen kernels -----------------------------------------
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_kernel_regularizers_apply_to_the_effective_kernel(cls):
+    """Keras only collects losses of trainable weights: the frozen kernels'
+    regularizers act on W + s*A@B, so they equal the stock loss while B = 0
+    and their gradient reaches the factors."""
+    regularizers = {
+        "kernel_regularizer": keras.regularizers.L2(0.1),
+        "recurrent_regularizer": keras.regularizers.L1(0.05),
+    }
+    cell = make_cell(cls, lora_targets=("kernel", "recurrent"), **regularizers)
+    model = small_model(cell)
+
+    def stock_loss():
+        twin = stock_twin(cell)
+        return float(
+            to_numpy(regularizers["kernel_regularizer"](twin.kernel))
+            + to_numpy(
+                regularizers["recurrent_regularizer"](twin.recurrent_kernel)
+            )
+        )
+
+    fresh = sum(float(to_numpy(loss)) for loss in model.losses)
+    assert fresh == pytest.approx(stock_loss(), rel=1e-5) and fresh > 0
+    randomize_lora(cell)
+    randomized = sum(float(to_numpy(loss)) for loss in model.losses)
+    assert randomized == pytest.approx(stock_loss(), rel=1e-5)
+    assert randomized != pytest.approx(fresh, rel=1e-3)
+    # Only the regularization loss: its gradient moves A and B.
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss=lambda y, p: 0.0 * p
+    )
+    before = [to_numpy(w) for w in cell.lora_weights]
+    model.fit(sequences(21), np.zeros((BATCH, 2)), epochs=1, verbose=0)
+    for b, w in zip(before, cell.lora_weights, strict=True):
+        assert not np.array_equal(to_numpy(w), b), w.name
+    # Merged, the factors are frozen like the kernel: no loss from either.
+    cell.merge_lora()
+    assert model.losses == [] or all(
+        float(to_numpy(loss)) == 0 for loss in model.losses
+    )

@@ -7,9 +7,9 @@ import pytest
 from conftest import gradients
 from conftest import randomize_lora
 from conftest import to_numpy
+from fused_reference import patch_fused_kernels
 
 import keras_rnn_lora
-from keras_rnn_lora import layers as layers_lib
 from keras_rnn_lora.adapters import lora_cells
 
 LAYERS = [
@@ -33,6 +33,7 @@ def pair(cls, **kwargs):
     reference = keras.layers.RNN(
         layer.cell.__class__.from_config(layer.cell.get_config()),
         return_sequences=True,
+        go_backwards=layer.go_backwards,
     )
     reference(x_batch())
     reference.cell.set_weights(layer.cell.get_weights())
@@ -59,28 +60,147 @@ def test_matches_stock_layer_with_merged_kernel(cls):
     )
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["cell", "fused_view"])
 @pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
-def test_forward_and_gradients_equal_the_cell_path(cls, fused, monkeypatch):
-    """`fused_view` takes the layer's fused branch (kernels read as
-    W + s*A@B through the stock layer's dispatch) even on a CPU, where Keras
-    then falls back to its loop over the real cell."""
-    if fused:
-        monkeypatch.setattr(layers_lib, "accelerator_present", lambda: True)
+def test_forward_and_gradients_equal_the_cell_path(cls):
     layer, reference = pair(cls)
-    x, y = x_batch(2), np.ones((3, 5, UNITS), "float32")
-    np.testing.assert_allclose(
-        to_numpy(layer(x)), to_numpy(reference(x)), atol=1e-6
-    )
-    model = keras.Sequential([keras.Input((5, 4)), layer])
-    reference_model = keras.Sequential([keras.Input((5, 4)), reference])
+    assert_same_function(layer, reference)
+
+
+def assert_same_function(layer, reference, atol=1e-5, input_shape=(5, 4)):
+    """Forward values and gradients of every trainable weight (the LoRA
+    factors) of `layer` equal those of `reference`."""
+    x = x_batch(2)
+    out = to_numpy(layer(x))
+    np.testing.assert_allclose(out, to_numpy(reference(x)), atol=atol)
+    model = keras.Sequential([keras.Input(input_shape), layer])
+    reference_model = keras.Sequential([keras.Input(input_shape), reference])
+    y = np.ones(out.shape, "float32")
     got = gradients(model, x, y)
     expected = gradients(reference_model, x, y)
     assert [w.name for w in model.trainable_weights] == [
         w.name for w in reference_model.trainable_weights
     ]
     for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, atol=1e-5)
+        assert np.abs(e).max() > 0
+        np.testing.assert_allclose(g, e, atol=atol)
+
+
+# -- the GPU path, with an emulated fused kernel ------------------------------
+
+FUSED_LAYERS = [keras_rnn_lora.LoRAGRU, keras_rnn_lora.LoRALSTM]
+FUSED_IDS = ["LoRAGRU", "LoRALSTM"]
+
+
+def drop_the_delta(monkeypatch):
+    """A broken LoRA layer: the fused path sees `W` alone."""
+    for cell_cls in (keras_rnn_lora.LoRAGRUCell, keras_rnn_lora.LoRALSTMCell):
+        monkeypatch.setattr(
+            cell_cls,
+            "effective_kernel",
+            lambda self, target: getattr(
+                self,
+                {"kernel": "kernel", "recurrent": "recurrent_kernel"}[target],
+            ),
+        )
+
+
+def max_difference(layer, reference):
+    x = x_batch(2)
+    return np.abs(to_numpy(layer(x)) - to_numpy(reference(x))).max()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"go_backwards": True}])
+@pytest.mark.parametrize("cls", FUSED_LAYERS, ids=FUSED_IDS)
+def test_emulated_fused_path_equals_the_cell_path(cls, kwargs, monkeypatch):
+    """The fused kernel computes from the kernels it is handed: the layer
+    must hand it `W + s*A@B`, and A and B must get their gradients."""
+    calls = patch_fused_kernels(monkeypatch)
+    layer, reference = pair(cls, lora_targets=("kernel", "recurrent"), **kwargs)
+    assert_same_function(layer, reference)
+    assert calls[cls._keras_layer.__name__.lower()] > 0
+
+
+@pytest.mark.parametrize("cls", FUSED_LAYERS, ids=FUSED_IDS)
+def test_emulated_fused_test_fails_when_the_delta_is_dropped(cls, monkeypatch):
+    patch_fused_kernels(monkeypatch)
+    layer, reference = pair(cls)
+    assert max_difference(layer, reference) < 1e-5
+    drop_the_delta(monkeypatch)
+    assert max_difference(layer, reference) > 1e-3
+
+
+def test_reference_kernels_reproduce_keras_own_loop(monkeypatch):
+    """The emulation is faithful: stock layers give the same outputs with
+    the reference kernels as with Keras' step loop."""
+    x = x_batch(3)
+    mask = np.ones((3, 5), bool)
+    mask[0, 3:] = False
+    layers = [
+        keras.layers.GRU(UNITS, return_sequences=True, return_state=True),
+        keras.layers.GRU(UNITS, return_sequences=True, reset_after=False),
+        keras.layers.GRU(UNITS, go_backwards=True, return_sequences=True),
+        keras.layers.LSTM(UNITS, return_sequences=True, return_state=True),
+        keras.layers.LSTM(UNITS, go_backwards=True),
+        keras.layers.Bidirectional(
+            keras.layers.LSTM(UNITS, return_sequences=True)
+        ),
+        keras.layers.Bidirectional(keras.layers.GRU(UNITS)),
+    ]
+    for layer in layers:
+        for m in (None, mask):
+            if m is not None and isinstance(layer, keras.layers.Bidirectional):
+                continue
+            expected = [
+                to_numpy(t) for t in keras.tree.flatten(layer(x, mask=m))
+            ]
+            with monkeypatch.context() as patch:
+                calls = patch_fused_kernels(patch)
+                got = [
+                    to_numpy(t) for t in keras.tree.flatten(layer(x, mask=m))
+                ]
+            assert sum(calls.values()) == 1
+            for g, e in zip(got, expected, strict=True):
+                np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def bidirectional_pair(cls, **kwargs):
+    layer = keras.layers.Bidirectional(
+        cls(UNITS, rank=2, return_sequences=True, **kwargs)
+    )
+    reference = keras.layers.Bidirectional(
+        keras.layers.RNN(cls._lora_cell(UNITS, rank=2), return_sequences=True)
+    )
+    layer(x_batch())
+    reference(x_batch())
+    for half in (layer.forward_layer, layer.backward_layer):
+        randomize_lora(half, seed=int(half.go_backwards))
+    reference.set_weights(layer.get_weights())
+    return layer, reference
+
+
+@pytest.mark.parametrize("cls", FUSED_LAYERS, ids=FUSED_IDS)
+def test_bidirectional_fused_path_sees_the_adapter(cls, monkeypatch):
+    """Keras' Bidirectional hands `cell.recurrent_kernel` to its fused
+    bidirectional kernel: while an adapter is unmerged it must take the
+    two-layer path, each direction on the layer's own fused path."""
+    calls = patch_fused_kernels(monkeypatch)
+    layer, reference = bidirectional_pair(cls)
+    name = cls._keras_layer.__name__.lower()
+    calls.clear()
+    assert_same_function(layer, reference)
+    assert calls[f"bidirectional_{name}"] == 0 and calls[name] > 0
+    # Merged, the kernels hold the update: the fused bidirectional kernel
+    # is right again and is used.
+    expected = to_numpy(reference(x_batch(2)))
+    for half in (layer.forward_layer, layer.backward_layer):
+        half.merge_lora()
+    calls.clear()
+    np.testing.assert_allclose(to_numpy(layer(x_batch(2))), expected, atol=1e-5)
+    assert calls[f"bidirectional_{name}"] == 1
+    drop_the_delta(monkeypatch)
+    for half in (layer.forward_layer, layer.backward_layer):
+        half.unmerge_lora()
+    assert max_difference(layer, reference) > 1e-3
 
 
 def test_effective_kernel():
@@ -170,3 +290,31 @@ def test_bad_arguments_use_keras_and_lora_messages():
         keras_rnn_lora.LoRAGRU(4, rank=9)
     with pytest.raises(ValueError, match="use_cudnn"):
         keras_rnn_lora.LoRAGRU(4, rank=1, use_cudnn="sometimes")
+
+
+def test_implementation_1_is_kept_and_draws_one_mask_per_gate():
+    kwargs = {"dropout": 0.4, "seed": 3, "implementation": 1}
+    layer = keras_rnn_lora.LoRALSTM(3, rank=1, **kwargs)
+    assert layer.cell.implementation == 1
+    assert layer.cell.dropout_mask_count == 4
+    clone = keras_rnn_lora.LoRALSTM.from_config(layer.get_config())
+    assert clone.cell.implementation == 1
+    # Keras' own LSTM layer fails with implementation=1 and dropout in
+    # training (its cuDNN attempt broadcasts four masks): compare with its
+    # cell in keras.layers.RNN, the path the layer runs on a CPU.
+    stock = keras.layers.RNN(keras.layers.LSTMCell(3, **kwargs))
+    x = x_batch(4)
+    layer(x), stock(x)
+    stock.set_weights(layer.get_weights()[:3])  # B = 0: the same function
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True)),
+        to_numpy(stock(x, training=True)),
+        atol=1e-6,
+    )
+    one_mask = keras.layers.RNN(keras.layers.LSTMCell(3, dropout=0.4, seed=3))
+    one_mask(x)
+    one_mask.set_weights(stock.get_weights())
+    difference = to_numpy(one_mask(x, training=True)) - to_numpy(
+        stock(x, training=True)
+    )
+    assert np.abs(difference).max() > 1e-4  # one mask per gate differs

@@ -16,6 +16,7 @@ and renamed into place; an existing version is never replaced unless
 server up on load.
 """
 
+import contextlib
 import errno
 import os
 import shutil
@@ -234,22 +235,45 @@ def _write_savedmodel(
 ):
     import tensorflow as tf
 
+    serving = _serving_model(model, merge)
     module = _translator_module(
-        _serving_model(model, merge),
-        src_tokenizer.proto,
-        tgt_tokenizer.proto,
-        max_length,
+        serving, src_tokenizer.proto, tgt_tokenizer.proto, max_length
     )
     path = os.path.join(staging, "export")
-    tf.saved_model.save(
-        module,
-        path,
-        signatures={
-            "serving_default": module.serve_text,
-            "translate_tokens": module.serve_tokens,
-        },
-    )
+    with _fused_kernels_off(serving):
+        tf.saved_model.save(
+            module,
+            path,
+            signatures={
+                "serving_default": module.serve_text,
+                "translate_tokens": module.serve_tokens,
+            },
+        )
     _write_warmup(path, name)
+
+
+@contextlib.contextmanager
+def _fused_kernels_off(model):
+    """Traces the serving graph with Keras' step loop, never cuDNN: a
+    SavedModel traced while a GPU is visible would otherwise hold cuDNN ops
+    that a CPU server cannot load. The settings are restored after."""
+    from keras_rnn_lora.adapters import iter_layers
+
+    layers = [
+        layer for _, layer in iter_layers(model) if hasattr(layer, "use_cudnn")
+    ]
+    # The LoRA layers report their own setting in their config (their
+    # attribute reads as off while unmerged); the stock ones do not.
+    settings = [
+        layer.get_config().get("use_cudnn", layer.use_cudnn) for layer in layers
+    ]
+    for layer in layers:
+        layer.use_cudnn = False
+    try:
+        yield
+    finally:
+        for layer, setting in zip(layers, settings, strict=True):
+            layer.use_cudnn = setting
 
 
 def _write_warmup(path, name):

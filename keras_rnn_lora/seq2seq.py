@@ -1,8 +1,9 @@
 """The RNN encoder-decoder translator the paper's method is applied to.
 
 `build_translator` makes a functional Keras model: embeddings, a stack of
-`keras.layers.RNN` over stock cells for the encoder and the decoder (so
-`enable_lora` turns it into the paper's model), Luong-style attention of
+`keras.layers.GRU` (or `LSTM`, `SimpleRNN`) layers for the encoder and the
+decoder (so they take the fused cuDNN kernels on a GPU, and `enable_lora`
+turns them into the paper's model), Luong-style attention of
 each decoder output over the encoder outputs (padding masked), and a
 `Dense` over the target vocabulary. Inputs `[encoder_tokens,
 decoder_inputs]` (int32, padding id 0); output logits
@@ -21,10 +22,13 @@ from keras import ops
 
 PAD_ID, START_ID, END_ID = 0, 2, 3
 
-_CELLS = {
-    "simple_rnn": keras.layers.SimpleRNNCell,
-    "gru": keras.layers.GRUCell,
-    "lstm": keras.layers.LSTMCell,
+# Keras' whole-sequence layers, so that a GPU run takes the fused (cuDNN)
+# kernels; `enable_lora` turns them into LoRAGRU/LoRALSTM/LoRASimpleRNN,
+# which keep that path.
+_LAYERS = {
+    "simple_rnn": keras.layers.SimpleRNN,
+    "gru": keras.layers.GRU,
+    "lstm": keras.layers.LSTM,
 }
 _ATTENTION = {
     "luong": lambda: keras.layers.Attention(name="attention"),
@@ -74,10 +78,10 @@ def build_translator(
         _positive_int(arg, locals()[arg])
     _positive_int("units", units)
     _positive_int("num_layers", num_layers)
-    if cell not in _CELLS:
+    if cell not in _LAYERS:
         raise ValueError(
             f"Received an invalid value for `cell`, expected one of "
-            f"{sorted(_CELLS)}. Received: cell={cell!r}"
+            f"{sorted(_LAYERS)}. Received: cell={cell!r}"
         )
     if attention not in _ATTENTION:
         raise ValueError(
@@ -105,8 +109,11 @@ def build_translator(
         tgt_vocab_size, embedding_dim, name="target_embedding"
     )(decoder_inputs)
     for i in range(num_layers):
-        layer = keras.layers.RNN(
-            _CELLS[cell](units),
+        # No mask: padding only ever follows the real target tokens, so
+        # the real steps never see it, and an unmasked layer is fused on
+        # every backend that has a kernel (the loss masks the padding).
+        layer = _LAYERS[cell](
+            units,
             return_sequences=True,
             return_state=True,
             name=f"decoder_{i}",
@@ -125,8 +132,10 @@ def _encoder_layer(cell, units, index, bidirectional, x, mask):
     so the decoder sees `units` wide states either way.
     """
     width = units // 2 if bidirectional else units
-    rnn = keras.layers.RNN(
-        _CELLS[cell](width),
+    # The source mask is right-padded, as cuDNN wants it (TensorFlow's
+    # fused kernels take such masks; torch and JAX run the step loop here).
+    rnn = _LAYERS[cell](
+        width,
         return_sequences=True,
         return_state=True,
         name=f"encoder_{index}"

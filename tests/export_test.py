@@ -423,3 +423,33 @@ def test_export_refuses_a_non_finite_adapter(translator, tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         export.export_translator(model, src, tgt, tmp_path, max_length=4)
     assert os.listdir(tmp_path / "iwslt_en_de") == []
+
+
+@tensorflow_only
+def test_export_traces_without_the_fused_kernels(
+    translator, tmp_path, monkeypatch
+):
+    """With a (here emulated) GPU the training path is fused; the serving
+    graph must not be, or a CPU server could not load its cuDNN ops."""
+    from fused_reference import patch_fused_kernels
+
+    model, src, tgt = translator
+    calls = patch_fused_kernels(monkeypatch)
+    expected = seq2seq.translate(model, SENTENCES, src, tgt, MAX_LENGTH)
+    assert calls["gru"] > 0  # the model itself runs fused
+    calls.clear()
+    path = export.export_translator(
+        model, src, tgt, tmp_path, max_length=MAX_LENGTH
+    )
+    assert sum(calls.values()) == 0
+    layers = [
+        layer
+        for _, layer in keras_rnn_lora.adapters.iter_layers(model)
+        if hasattr(layer, "use_cudnn")
+    ]
+    assert layers
+    assert all(x.get_config().get("use_cudnn") == "auto" for x in layers)
+    stdout = run_python(
+        LOAD_AND_TRANSLATE, path, json.dumps(SENTENCES), cwd=tmp_path
+    )
+    assert json.loads(stdout.split("RESULT", 1)[1]) == expected

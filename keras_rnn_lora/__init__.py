@@ -1,28 +1,36 @@
-"""LoRA for recurrent networks in Keras 3 (TensorFlow, JAX, PyTorch)."""
+"""LoRA for recurrent networks in Keras 3 (TensorFlow, JAX, PyTorch).
 
-# Registers the translator's losses and metrics, so that a compiled
-# translator saved as `.keras` loads after `import keras_rnn_lora` alone
-# (keras only: no TensorFlow is imported here).
-from keras_rnn_lora import seq2seq as _seq2seq  # noqa: F401, E402
+The library is Keras and NumPy only: importing it imports no TensorFlow.
+The IWSLT translation application, its first user, is the subpackage
+`keras_rnn_lora.translation`.
+"""
+
 from keras_rnn_lora.adapter_io import load_lora_weights
 from keras_rnn_lora.adapter_io import save_lora_weights
-from keras_rnn_lora.adapters import enable_lora
-from keras_rnn_lora.adapters import lora_summary
-from keras_rnn_lora.adapters import mark_only_lora_as_trainable
-from keras_rnn_lora.adapters import merge_lora
-from keras_rnn_lora.adapters import to_base_model
-from keras_rnn_lora.adapters import unmerge_lora
 from keras_rnn_lora.cells import LoRAGRUCell
 from keras_rnn_lora.cells import LoRALSTMCell
 from keras_rnn_lora.cells import LoRASimpleRNNCell
+from keras_rnn_lora.convert import enable_lora
+from keras_rnn_lora.convert import to_base_model
 from keras_rnn_lora.layers import LoRAGRU
 from keras_rnn_lora.layers import LoRALSTM
 from keras_rnn_lora.layers import LoRASimpleRNN
+from keras_rnn_lora.lora import LoRAConfig
 from keras_rnn_lora.lora import lora_scaling
+from keras_rnn_lora.training import lora_summary
+from keras_rnn_lora.training import mark_only_lora_as_trainable
+from keras_rnn_lora.training import merge_lora
+from keras_rnn_lora.training import unmerge_lora
 
-__version__ = "0.1.0"
+# Registers the translator's model class, losses and metrics (Keras only),
+# so a translator saved as `.keras` loads after `import keras_rnn_lora`.
+from keras_rnn_lora.translation import metrics as _metrics  # noqa: E402, F401
+from keras_rnn_lora.translation import model as _model  # noqa: E402, F401
+
+__version__ = "0.2.0"
 
 __all__ = [
+    "LoRAConfig",
     "LoRAGRU",
     "LoRAGRUCell",
     "LoRALSTM",

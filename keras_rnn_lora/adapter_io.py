@@ -1,11 +1,12 @@
 """Adapter files: the LoRA factors of a model, on their own, in HDF5.
 
-A `.lora.weights.h5` file holds one group per LoRA cell, keyed by the cell's
-path in the model ("encoder/gru_cell"), with its factors as datasets and, as
-attributes, the cell class, rank, alpha, scaling rule, targets and a SHA-256
-fingerprint of the frozen kernels the adapter was trained on. It is small
-(the factors only) and loads into any model of the same architecture built
-on the same base weights.
+A `.lora.weights.h5` file holds one group per LoRA adapter (a recurrent
+cell's, or a Dense/EinsumDense/Embedding layer's), keyed by its path in the
+model ("encoder/encoder_0/cell", "decoder/logits"), with its factors as
+datasets and, as attributes, its class, rank, alpha, scaling rule, targets
+and a SHA-256 fingerprint of the frozen kernels the adapter was trained on.
+It is small (the factors only) and loads into any model of the same
+architecture built on the same base weights.
 """
 
 import hashlib
@@ -18,11 +19,11 @@ import numpy as np
 
 from keras_rnn_lora import files
 from keras_rnn_lora import lora
-from keras_rnn_lora.adapters import check_model
-from keras_rnn_lora.adapters import lora_cells
+from keras_rnn_lora.walk import check_model
+from keras_rnn_lora.walk import lora_adapters
 
 FORMAT = "keras-rnn-lora-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: 0.1.0, which also stored each cell's `units`
 SUFFIX = ".lora.weights.h5"
 
 
@@ -36,27 +37,26 @@ def _check_path(path):
     return path
 
 
-def base_fingerprint(cell):
+def base_fingerprint(adapter):
     """SHA-256 over the shapes and float32 bytes of the targeted kernels."""
     digest = hashlib.sha256()
-    for target in cell.lora_targets:
+    for target in adapter.lora_targets:
         kernel = np.ascontiguousarray(
-            np.asarray(cell.base_kernel(target), dtype="float32")
+            np.asarray(adapter.base_kernel(target), dtype="float32")
         )
         digest.update(f"{target}:{kernel.shape}".encode())
         digest.update(kernel.tobytes())
     return digest.hexdigest()
 
 
-def _cell_attributes(cell):
+def _adapter_attributes(adapter):
     return {
-        "class_name": type(cell).__name__,
-        "units": cell.units,
-        "rank": cell.rank,
-        "lora_alpha": cell.lora_alpha,
-        "use_rslora": cell.use_rslora,
-        "lora_targets": ",".join(cell.lora_targets),
-        "base_fingerprint": base_fingerprint(cell),
+        "class_name": type(adapter).__name__,
+        "rank": adapter.rank,
+        "lora_alpha": adapter.lora_alpha,
+        "use_rslora": adapter.use_rslora,
+        "lora_targets": ",".join(adapter.lora_targets),
+        "base_fingerprint": base_fingerprint(adapter),
     }
 
 
@@ -71,26 +71,27 @@ def save_lora_weights(model, path):
     `model.save_weights` file.
 
     Args:
-        model: a model holding LoRA cells.
+        model: a model holding LoRA adapters.
         path: the file to write; must end in `.lora.weights.h5`.
     """
     path = _check_path(path)
     check_model(model, "save_lora_weights")
-    cells = lora_cells(model)
-    if not cells:
+    adapters = lora_adapters(model)
+    if not adapters:
         raise ValueError(
-            f"Model '{model.name}' has no LoRA cell to save. Convert it "
-            "first: `enable_lora(model, rank=...)`."
+            f"Model '{model.name}' has no LoRA cell to save (nor any other "
+            "LoRA layer). "
+            "Convert it first: `enable_lora(model, rank=...)`."
         )
     with files.atomic_path(path) as temporary:
         with h5py.File(temporary, "w") as file:
             file.attrs["format"] = FORMAT
             file.attrs["format_version"] = FORMAT_VERSION
             file.attrs["model_name"] = model.name
-            for cell_path, cell in sorted(cells.items()):
-                group = file.create_group(cell_path)
-                group.attrs.update(_cell_attributes(cell))
-                for weight in cell.lora_weights:
+            for layer_path, adapter in sorted(adapters.items()):
+                group = file.create_group(layer_path)
+                group.attrs.update(_adapter_attributes(adapter))
+                for weight in adapter.lora_weights:
                     group.create_dataset(
                         weight.name, data=lora.to_numpy(weight)
                     )
@@ -111,10 +112,6 @@ _NOT_SCALAR = object()
 # Attribute of an adapter group -> (check, what it must be).
 _ATTRIBUTE_CHECKS = {
     "class_name": (lambda v: isinstance(v, str), "a string"),
-    "units": (
-        lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
-        "an integer",
-    ),
     "rank": (
         lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
         "an integer",
@@ -206,7 +203,7 @@ def load_lora_weights(model, path, strict=True):
 
     Everything is checked before the model is touched, and every refusal
     names the layer: a refused file leaves the model exactly as it was.
-    Refused always: a cell whose class, rank, alpha, scaling rule, targets
+    Refused always: an adapter whose class, rank, alpha, scaling rule, targets
     or factor shapes differ; attributes missing or of the wrong type;
     factors that are not floating point, hold NaN or Inf, or would merge
     into a non-finite kernel; datasets the layer does not have. Declared
@@ -217,7 +214,7 @@ def load_lora_weights(model, path, strict=True):
     matching layers load and the rest is left as it is.
 
     Args:
-        model: a model holding LoRA cells of the same architecture.
+        model: a model holding LoRA adapters of the same architecture.
         path: an adapter file (`.lora.weights.h5`).
         strict: bool, default `True`.
 
@@ -227,14 +224,14 @@ def load_lora_weights(model, path, strict=True):
     path = _check_path(path)
     check_model(model, "load_lora_weights")
     headers = _read_headers(path)
-    cells = lora_cells(model)
-    missing_in_model = sorted(set(headers) - set(cells))
-    missing_in_file = sorted(set(cells) - set(headers))
+    adapters = lora_adapters(model)
+    missing_in_model = sorted(set(headers) - set(adapters))
+    missing_in_file = sorted(set(adapters) - set(headers))
     if strict and missing_in_model:
         raise ValueError(
             f"The adapter file {path!r} holds LoRA factors for layer "
             f"'{missing_in_model[0]}', which model '{model.name}' does not "
-            f"have. Its LoRA layers: {sorted(cells)}. Pass strict=False to "
+            f"have. Its LoRA layers: {sorted(adapters)}. Pass strict=False to "
             "load the layers that match."
         )
     if strict and missing_in_file:
@@ -244,28 +241,28 @@ def load_lora_weights(model, path, strict=True):
             "strict=False to load the layers that match."
         )
     plans = []
-    for cell_path in sorted(set(headers) & set(cells)):
-        cell = cells[cell_path]
-        header = headers[cell_path]
-        _check_header(cell_path, cell, header, path, strict)
+    for layer_path in sorted(set(headers) & set(adapters)):
+        adapter = adapters[layer_path]
+        header = headers[layer_path]
+        _check_header(layer_path, adapter, header, path, strict)
         factors = _read_factors(path, header.name, header.datasets)
         for key, value in factors.items():
             lora.check_finite(
-                value, f"factor '{key}' of layer '{cell_path}' from {path!r}"
+                value, f"factor '{key}' of layer '{layer_path}' from {path!r}"
             )
-        if cell.lora_merged:  # it will be re-merged: check that result too
+        if adapter.lora_merged:  # it will be re-merged: check that result too
             try:
-                cell.merged_kernels(factors)
+                adapter.merged_kernels(factors)
             except ValueError as error:
-                raise ValueError(f"Layer '{cell_path}': {error}") from None
-        plans.append((cell, factors))
+                raise ValueError(f"Layer '{layer_path}': {error}") from None
+        plans.append((adapter, factors))
     # Every check passed: only now touch the model.
-    for cell, factors in plans:
-        cell.set_lora_factors(factors)
+    for adapter, factors in plans:
+        adapter.set_lora_factors(factors)
     return model
 
 
-def _check_header(cell_path, cell, header, path, strict):
+def _check_header(layer_path, adapter, header, path, strict):
     for key, (check, expected_type) in _ATTRIBUTE_CHECKS.items():
         value = header.attributes[key]
         if value is None or value is _NOT_SCALAR or not check(value):
@@ -273,29 +270,29 @@ def _check_header(cell_path, cell, header, path, strict):
             if value is not None and value is not _NOT_SCALAR:
                 found = repr(value)
             raise ValueError(
-                f"Layer '{cell_path}': the adapter file {path!r} has a bad "
+                f"Layer '{layer_path}': the adapter file {path!r} has a bad "
                 f"attribute '{key}': expected {expected_type}, found {found}."
             )
-    expected = _cell_attributes(cell)
+    expected = _adapter_attributes(adapter)
     attributes = header.attributes
-    for key in ("class_name", "units", "rank", "lora_targets", "use_rslora"):
+    for key in ("class_name", "rank", "lora_targets", "use_rslora"):
         if attributes[key] != expected[key]:
             raise ValueError(
-                f"Layer '{cell_path}': the adapter file {path!r} has "
-                f"{key}={attributes[key]!r} but the model's cell "
+                f"Layer '{layer_path}': the adapter file {path!r} has "
+                f"{key}={attributes[key]!r} but the model's layer "
                 f"has {key}={expected[key]!r}."
             )
-    if not np.isclose(float(attributes["lora_alpha"]), cell.lora_alpha):
+    if not np.isclose(float(attributes["lora_alpha"]), adapter.lora_alpha):
         raise ValueError(
-            f"Layer '{cell_path}': the adapter file {path!r} has "
+            f"Layer '{layer_path}': the adapter file {path!r} has "
             f"lora_alpha={float(attributes['lora_alpha'])} but the model's "
-            f"cell has lora_alpha={cell.lora_alpha}."
+            f"layer has lora_alpha={adapter.lora_alpha}."
         )
-    weights = {w.name: w for w in cell.lora_weights}
+    weights = {w.name: w for w in adapter.lora_weights}
     unexpected = sorted(set(header.datasets) - set(weights)) + header.other
     if unexpected:
         raise ValueError(
-            f"Layer '{cell_path}': the adapter file {path!r} holds "
+            f"Layer '{layer_path}': the adapter file {path!r} holds "
             f"{unexpected}, which are not factors of this layer "
             f"({sorted(weights)}); refusing it."
         )
@@ -303,12 +300,12 @@ def _check_header(cell_path, cell, header, path, strict):
         shape, dtype = header.datasets.get(name, (None, None))
         if shape != tuple(weight.shape):
             raise ValueError(
-                f"Layer '{cell_path}': factor '{name}' has shape "
+                f"Layer '{layer_path}': factor '{name}' has shape "
                 f"{shape} in {path!r} but {tuple(weight.shape)} in the model."
             )
         if dtype.kind != "f":
             raise ValueError(
-                f"Layer '{cell_path}': factor '{name}' in {path!r} has dtype "
+                f"Layer '{layer_path}': factor '{name}' in {path!r} has dtype "
                 f"{dtype}; expected floating point."
             )
     if (
@@ -316,7 +313,7 @@ def _check_header(cell_path, cell, header, path, strict):
         and attributes["base_fingerprint"] != expected["base_fingerprint"]
     ):
         raise ValueError(
-            f"Layer '{cell_path}': the model's frozen base weights differ "
+            f"Layer '{layer_path}': the model's frozen base weights differ "
             f"from those the adapter in {path!r} was trained on "
             "(fingerprint mismatch). Load the adapter into the base model it "
             "was trained from, or pass strict=False to load it anyway."

@@ -6,7 +6,8 @@ adds a trainable low-rank pair `(A, B)` whose scaled product is the update:
     h_{t-1} @ W_hh   becomes   h_{t-1} @ W_hh + s * (h_{t-1} @ A) @ B
 
 The step stays factored, so it costs O(units * rank) extra per step and the
-backward pass never forms a full-size gradient for the frozen kernel.
+backward pass never forms a full-size gradient for the frozen kernel. Merge
+state and saving live in `merging.py`, LoRA dropout in `lora_dropout.py`.
 """
 
 import keras
@@ -16,6 +17,8 @@ from keras import ops
 from keras import tree
 
 from keras_rnn_lora import lora
+from keras_rnn_lora.lora_dropout import LoRADropoutMixin
+from keras_rnn_lora.merging import MergeableLoRA
 
 _REFERENCES = """
     Reference:
@@ -45,114 +48,6 @@ _LORA_ARGS_DOC = """
 """
 
 
-_MERGED_KEY = "lora_merged"
-
-
-class _EffectiveKernelRegularizer(keras.regularizers.Regularizer):
-    """A targeted kernel's regularizer, applied to `W + s*A@B`.
-
-    Attached to the adapter's `B` (which Keras does collect losses from);
-    the value it is called with is ignored. Nothing while the kernel itself
-    is trainable (Keras then regularizes it directly) or the cell is
-    merged (the factors are frozen then, as the kernel is).
-    """
-
-    def __init__(self, cell, target, regularizer):
-        self.cell = cell
-        self.target = target
-        self.regularizer = regularizer
-
-    def __call__(self, _):
-        kernel = getattr(self.cell, lora.KERNEL_ATTRIBUTES[self.target])
-        if kernel.trainable:
-            return ops.zeros((), "float32")
-        return self.regularizer(self.cell.effective_kernel(self.target))
-
-    def get_config(self):
-        return keras.regularizers.serialize(self.regularizer)
-
-
-class _StoredCell:
-    """A cell's stored weights, read and checked before any is assigned."""
-
-    def __init__(self, base, factors, merged, premerge):
-        self.base = base  # the stock weights, in order
-        self.factors = factors  # factor name -> array, None in a stock store
-        self.merged = merged  # whether the stored kernels are merged
-        self.premerge = premerge  # target -> pre-merge kernel when merged
-
-
-def _read_store(cell, store):
-    """Reads `store` for `cell` (see `_LoRACellMixin.save_own_variables`):
-    every key known, every shape right, or a `ValueError` naming the cell."""
-    keys = set(store.keys())
-    base_weights = cell._base_weights()
-    factor_weights = cell.lora_weights
-    names = {w.name for w in factor_weights}
-    premerge_keys = {
-        f"premerge_{lora.KERNEL_ATTRIBUTES[t]}": t for t in cell.lora_targets
-    }
-    numeric = sorted(int(k) for k in keys if k.isdigit())
-    n_base = len(base_weights)
-    # 0.1.0 stored every weight by position: the stock ones, then factors.
-    legacy = (
-        not names & keys
-        and bool(factor_weights)
-        and numeric == list(range(n_base + len(factor_weights)))
-    )
-    unknown = keys - {str(i) for i in numeric} - names - {_MERGED_KEY}
-    unknown -= set(premerge_keys)
-    if unknown or not (legacy or numeric == list(range(n_base))):
-        raise ValueError(
-            f"Cell '{cell.name}' ({type(cell).__name__}) cannot load the "
-            f"stored weights {sorted(keys)}: it expects the stock weights "
-            f"'0'..'{n_base - 1}', optionally the factors {sorted(names)}, "
-            f"'{_MERGED_KEY}' and the pre-merge kernels. Was the file saved "
-            "from another architecture?"
-        )
-
-    def read(key, weight):
-        value = np.asarray(store[key])
-        if tuple(value.shape) != tuple(weight.shape):
-            raise ValueError(
-                f"Cell '{cell.name}': stored weight '{key}' has shape "
-                f"{tuple(value.shape)}, but '{weight.name}' has "
-                f"{tuple(weight.shape)}."
-            )
-        return value
-
-    base = [read(f"{i}", w) for i, w in enumerate(base_weights)]
-    factors = None
-    if legacy:
-        factors = {
-            w.name: read(f"{n_base + i}", w)
-            for i, w in enumerate(factor_weights)
-        }
-    elif names & keys:
-        if names - keys:
-            raise ValueError(
-                f"Cell '{cell.name}': the stored weights lack the factors "
-                f"{sorted(names - keys)}."
-            )
-        factors = {w.name: read(w.name, w) for w in factor_weights}
-    premerge = {
-        target: read(key, cell._kernel(target))
-        for key, target in premerge_keys.items()
-        if key in keys
-    }
-    if _MERGED_KEY in keys:
-        merged = bool(np.asarray(store[_MERGED_KEY]))
-    else:  # 0.1.0 wrote pre-merge kernels exactly when merged
-        merged = bool(premerge)
-    if merged and (factors is None or set(premerge) != set(cell.lora_targets)):
-        raise ValueError(
-            f"Cell '{cell.name}': the stored weights say they are merged but "
-            "lack the factors or the pre-merge kernels needed to restore "
-            "them."
-        )
-    return _StoredCell(base, factors, merged, premerge)
-
-
 def _lora_docstring(cls):
     """Fills the `{lora_args}` and `{references}` slots of a docstring."""
     cls.__doc__ = cls.__doc__.replace(
@@ -161,7 +56,7 @@ def _lora_docstring(cls):
     return cls
 
 
-class _LoRACellMixin:
+class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
     """The LoRA machinery shared by the three cells.
 
     Subclasses set `_keras_cell` (the stock parent class) and `_gates` (how
@@ -171,6 +66,7 @@ class _LoRACellMixin:
 
     _keras_cell = None
     _gates = 1
+    _lora_noun = "cell"
 
     def __init__(
         self,
@@ -186,20 +82,25 @@ class _LoRACellMixin:
         **kwargs,
     ):
         super().__init__(units, **kwargs)
-        self.rank = lora.validate_rank(rank, self.units)
-        self.lora_alpha = lora.validate_lora_alpha(lora_alpha, self.rank)
-        self.use_rslora = lora.validate_use_rslora(use_rslora)
-        self.lora_dropout = lora.validate_lora_dropout(lora_dropout)
-        self.lora_targets = lora.validate_lora_targets(lora_targets)
-        self.lora_a_initializer = initializers.get(lora_a_initializer)
-        self.lora_b_initializer = initializers.get(lora_b_initializer)
-        self.scaling = lora.lora_scaling(
-            self.rank, self.lora_alpha, self.use_rslora
+        self.lora_config = lora.LoRAConfig(
+            rank=lora.validate_rank(rank, self.units),
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            lora_dropout=lora_dropout,
+            lora_targets=lora_targets,
+            lora_a_initializer=lora_a_initializer,
+            lora_b_initializer=lora_b_initializer,
         )
-        self._lora_merged = bool(lora_merged)
-        # Target -> numpy copy of the kernel before `merge_lora`, so that
-        # `unmerge_lora` restores it bit for bit.
-        self._premerge_kernels = {}
+        config = self.lora_config
+        self.rank = config.rank
+        self.lora_alpha = config.lora_alpha
+        self.use_rslora = config.use_rslora
+        self.lora_dropout = config.lora_dropout
+        self.lora_targets = config.lora_targets
+        self.lora_a_initializer = initializers.get(config.lora_a_initializer)
+        self.lora_b_initializer = initializers.get(config.lora_b_initializer)
+        self.scaling = config.scaling
+        self._init_merge_state(lora_merged)
 
     # -- weights ---------------------------------------------------------
 
@@ -208,30 +109,29 @@ class _LoRACellMixin:
         input_dim = input_shape[-1]
         output_dim = self._gates * self.units
         for target in self.lora_targets:
-            self._kernel(target).trainable = False
+            kernel = self.lora_kernel(target)
+            kernel.trainable = False
             fan_in = input_dim if target == "kernel" else self.units
+            prefix = f"lora_{kernel.name}"
             a, b = lora.add_lora_factors(
-                self, target, fan_in, output_dim, self.rank
+                self, prefix, fan_in, output_dim, self.lora_config
             )
-            prefix = f"lora_{lora.KERNEL_ATTRIBUTES[target]}"
             setattr(self, f"{prefix}_a", a)
             setattr(self, f"{prefix}_b", b)
-            # Keras collects regularization losses of trainable weights
-            # only, and the targeted kernel is frozen: its regularizer rides
-            # on `B` and applies to the effective kernel `W + s*A@B` (the
-            # stock loss while `B = 0`), so it reaches the factors.
-            regularizer = self._kernel(target).regularizer
-            if regularizer is not None:
-                b.regularizer = _EffectiveKernelRegularizer(
-                    self, target, regularizer
+            if kernel.regularizer is not None:
+                b.regularizer = lora.EffectiveKernelRegularizer(
+                    self, target, kernel.regularizer
                 )
         if self._lora_merged:
             self._set_factors_trainable(False)
 
-    def _kernel(self, target):
+    def lora_kernel(self, target):
+        """The frozen kernel variable of `target` ("kernel" or
+        "recurrent")."""
         return getattr(self, lora.KERNEL_ATTRIBUTES[target])
 
-    def _factors(self, target):
+    def lora_factors(self, target):
+        """The factors `(A, B)` of `target`."""
         prefix = f"lora_{lora.KERNEL_ATTRIBUTES[target]}"
         return getattr(self, f"{prefix}_a"), getattr(self, f"{prefix}_b")
 
@@ -239,21 +139,10 @@ class _LoRACellMixin:
         """The kernel `target` ("kernel" or "recurrent") acts as: `W + s*A@B`
         while an unmerged adapter targets it, else `W`. Differentiable with
         respect to `A` and `B` (what the fused layers feed to cuDNN)."""
-        kernel = self._kernel(target)
+        kernel = self.lora_kernel(target)
         if self._lora_merged or target not in self.lora_targets:
             return kernel
         return ops.add(kernel, ops.cast(self.delta(target), kernel.dtype))
-
-    @property
-    def lora_weights(self):
-        """The LoRA factors, `[A, B]` per target in `lora_targets` order."""
-        if not self.built:
-            return []
-        return [w for t in self.lora_targets for w in self._factors(t)]
-
-    def _set_factors_trainable(self, trainable):
-        for weight in self.lora_weights:
-            weight.trainable = trainable
 
     # -- the factored step -----------------------------------------------
 
@@ -263,7 +152,7 @@ class _LoRACellMixin:
         `gates` is a `slice` over gate blocks (`slice(0, 2)`: the first two
         gates) or `None` for all of them.
         """
-        kernel = self._kernel(target)
+        kernel = self.lora_kernel(target)
         columns = None
         if gates is not None:
             start, stop, _ = gates.indices(self._gates)
@@ -272,9 +161,9 @@ class _LoRACellMixin:
         y = ops.matmul(x, kernel)
         if self._lora_merged or target not in self.lora_targets:
             return y
-        a, b = self._factors(target)
+        a, b = self.lora_factors(target)
         if training and self.lora_dropout > 0:
-            x = x * self._lora_dropout_mask(target, x)
+            x = x * self.lora_dropout_mask(target, x)
         if columns is not None:
             b = b[:, columns]
         if x.dtype == a.dtype:
@@ -310,260 +199,15 @@ class _LoRACellMixin:
             return [x * m for m in mask]
         return [x * mask] * self._gates
 
-    # -- LoRA dropout masks, drawn once per sequence like Keras' own ------
-
-    def _lora_dropout_mask(self, target, x):
-        attribute = f"_lora_{target}_dropout_mask"
-        mask = getattr(self, attribute, None)
-        if mask is None:
-            mask = keras.random.dropout(
-                ops.ones_like(x),
-                rate=self.lora_dropout,
-                seed=self.seed_generator,
-            )
-            setattr(self, attribute, mask)
-        return mask
-
-    def _wants_lora_dropout(self, target):
-        return (
-            self.lora_dropout > 0
-            and target in self.lora_targets
-            and not self._lora_merged
-            and self.built
-        )
-
-    def get_dropout_mask(self, step_input):
-        if self._wants_lora_dropout("kernel"):
-            self._lora_dropout_mask("kernel", step_input)
-        return super().get_dropout_mask(step_input)
-
-    def get_recurrent_dropout_mask(self, step_input):
-        if self._wants_lora_dropout("recurrent"):
-            self._lora_dropout_mask("recurrent", step_input)
-        return super().get_recurrent_dropout_mask(step_input)
-
-    def reset_dropout_mask(self):
-        super().reset_dropout_mask()
-        self._lora_kernel_dropout_mask = None
-
-    def reset_recurrent_dropout_mask(self):
-        super().reset_recurrent_dropout_mask()
-        self._lora_recurrent_dropout_mask = None
-
-    # -- merging ---------------------------------------------------------
-
-    @property
-    def lora_merged(self):
-        """Whether `s * A @ B` is currently folded into the frozen kernels."""
-        return self._lora_merged
-
-    def _require_built(self, method):
-        if not self.built:
-            raise ValueError(
-                f"`{method}()` was called on the unbuilt cell "
-                f"'{self.name}': it has no weights yet. Build it first, "
-                "e.g. by calling the RNN layer that holds it on a batch, or "
-                "`cell.build((None, input_dim))`."
-            )
-
-    def base_kernel(self, target):
-        """The frozen kernel `W` the adapter of `target` applies to, as a
-        NumPy array: the pre-merge kernel while merged."""
-        self._require_built("base_kernel")
-        if self._lora_merged:
-            return self._premerge_kernels[target].copy()
-        return lora.to_numpy(self._kernel(target))
-
-    def delta(self, target):
-        """The update `s * A @ B` of `target`, float32, differentiable with
-        respect to the factors (what `effective_kernel` adds to `W`)."""
-        a, b = self._factors(target)
-        return lora.lora_delta(a, b, self.scaling)
-
-    def merged_kernels(self, factors=None):
-        """`{target: W + s*A@B}` as NumPy arrays in the kernels' dtype, from
-        the base kernels and the current factors (or `factors`, a mapping
-        from factor name to value). Raises `ValueError` if any would hold
-        NaN or Inf; changes nothing."""
-        self._require_built("merged_kernels")
-        factors = factors or {}
-        merged = {}
-        for target in self.lora_targets:
-            a, b = (
-                factors[w.name] if w.name in factors else lora.to_numpy(w)
-                for w in self._factors(target)
-            )
-            kernel = self._kernel(target)
-            merged[target] = lora.merged_kernel(
-                self.base_kernel(target),
-                a,
-                b,
-                self.scaling,
-                kernel.dtype,
-                f"cell '{self.name}', kernel '{kernel.name}'",
-            )
-        return merged
-
-    def merge_lora(self, reset=False):
-        """Folds `s * A @ B` into each targeted kernel; the cell then runs
-        the plain parent step (no LoRA overhead). Idempotent.
-
-        The factors are kept (frozen while merged) and the pre-merge kernels
-        saved, so `unmerge_lora()` restores them exactly. A merge whose
-        result would hold NaN or Inf is refused with a `ValueError` and the
-        cell is left exactly as it was.
-
-        With `reset=True` the merge is made permanent instead: the merged
-        kernel becomes the new frozen base and a fresh adapter starts on it
-        (`A` re-initialized, `B = 0`), so outputs are unchanged and the cell
-        is ready to learn the next batch of new data.
-        """
-        self._require_built("merge_lora")
-        if not self._lora_merged:
-            merged = self.merged_kernels()
-            self._premerge_kernels = {
-                target: self.base_kernel(target) for target in merged
-            }
-            for target, value in merged.items():
-                self._kernel(target).assign(value)
-            self._lora_merged = True
-            self._set_factors_trainable(False)
-        if reset:
-            self._premerge_kernels = {}
-            self._lora_merged = False
-            self._set_factors_trainable(True)
-            for target in self.lora_targets:
-                a, b = self._factors(target)
-                a.assign(self.lora_a_initializer(a.shape, dtype=a.dtype))
-                b.assign(self.lora_b_initializer(b.shape, dtype=b.dtype))
-        return self
-
-    def unmerge_lora(self):
-        """Restores the kernels `merge_lora()` changed and the LoRA step.
-        Idempotent."""
-        self._require_built("unmerge_lora")
-        if not self._lora_merged:
-            return self
-        for target in self.lora_targets:
-            self._kernel(target).assign(self._premerge_kernels[target])
-        self._premerge_kernels = {}
-        self._lora_merged = False
-        self._set_factors_trainable(True)
-        return self
-
-    def set_lora_factors(self, values):
-        """Assigns the factors from `values` (factor name -> array) and keeps
-        the merge state: a merged cell is re-merged with the new factors.
-        Everything is checked (names, shapes, finite values, a finite merged
-        kernel) before anything is assigned."""
-        self._require_built("set_lora_factors")
-        weights = {w.name: w for w in self.lora_weights}
-        if set(values) != set(weights):
-            raise ValueError(
-                f"Cell '{self.name}' has the factors {sorted(weights)}; "
-                f"received values for {sorted(values)}."
-            )
-        arrays = {}
-        for name, value in values.items():
-            array = np.asarray(value)
-            if tuple(array.shape) != tuple(weights[name].shape):
-                raise ValueError(
-                    f"Cell '{self.name}': factor '{name}' has shape "
-                    f"{tuple(weights[name].shape)}; received "
-                    f"{tuple(array.shape)}."
-                )
-            lora.check_finite(array, f"factor '{name}' of cell '{self.name}'")
-            arrays[name] = array.astype("float32")
-        merged = self.merged_kernels(arrays) if self._lora_merged else {}
-        for name, array in arrays.items():
-            weights[name].assign(array)
-        for target, value in merged.items():
-            self._kernel(target).assign(value)
-        return self
-
-    # -- saving ----------------------------------------------------------
-    #
-    # The store of a LoRA cell (`.keras` and `.weights.h5` files) holds:
-    #   "0", "1", ...  the stock cell's weights, in its order (so a stock
-    #                  cell's file loads here, and the reverse with
-    #                  `to_base_model`);
-    #   "lora_<kernel>_a", "lora_<kernel>_b"   the factors, by name;
-    #   "lora_merged"  1 if the stored kernels are merged, else 0;
-    #   "premerge_<kernel>"  the exact pre-merge kernels of a merged cell.
-    # Loading restores the stored function whatever state the receiving
-    # cell is in: a merged file loads into an unmerged cell (and the
-    # reverse) without applying the delta twice or not at all.
-
-    def _base_weights(self):
-        lora_ids = {id(w) for w in self.lora_weights}
-        return [w for w in self.weights if id(w) not in lora_ids]
-
-    def save_own_variables(self, store):
-        for i, weight in enumerate(self._base_weights()):
-            store[f"{i}"] = weight
-        for weight in self.lora_weights:
-            store[weight.name] = weight
-        store[_MERGED_KEY] = np.array(int(self._lora_merged))
-        for target, kernel in self._premerge_kernels.items():
-            store[f"premerge_{lora.KERNEL_ATTRIBUTES[target]}"] = kernel
-
-    def load_own_variables(self, store):
-        """Loads a LoRA cell's store, or a stock cell's (the factors then
-        keep their values), and restores the stored function in this cell's
-        own merge state. The 0.1.0 layout (every weight by position) loads
-        too."""
-        stored = _read_store(self, store)
-        base = self._base_weights()
-        position = {id(w): i for i, w in enumerate(base)}
-        kernels = {
-            target: stored.base[position[id(self._kernel(target))]]
-            for target in self.lora_targets
-        }
-        factors = stored.factors or {
-            w.name: lora.to_numpy(w) for w in self.lora_weights
-        }
-        if stored.merged:  # the stored kernels hold W + s*A@B
-            kernels = stored.premerge
-        merged = {}
-        if self._lora_merged:
-            for target, kernel in kernels.items():
-                a, b = (factors[w.name] for w in self._factors(target))
-                merged[target] = lora.merged_kernel(
-                    kernel,
-                    a,
-                    b,
-                    self.scaling,
-                    self._kernel(target).dtype,
-                    f"cell '{self.name}', kernel '{self._kernel(target).name}'",
-                )
-        # Every value is known and checked: assign.
-        for weight, value in zip(base, stored.base, strict=True):
-            weight.assign(value)
-        for weight in self.lora_weights:
-            weight.assign(factors[weight.name])
-        for target, kernel in kernels.items():
-            self._kernel(target).assign(merged.get(target, kernel))
-        self._premerge_kernels = (
-            {t: np.array(k) for t, k in kernels.items()}
-            if self._lora_merged
-            else {}
-        )
+    # -- configuration -----------------------------------------------------
 
     def get_config(self):
         config = {
-            "rank": self.rank,
-            "lora_alpha": self.lora_alpha,
-            "use_rslora": self.use_rslora,
-            "lora_dropout": self.lora_dropout,
-            "lora_targets": list(self.lora_targets),
-            "lora_a_initializer": initializers.serialize(
-                self.lora_a_initializer
-            ),
-            "lora_b_initializer": initializers.serialize(
-                self.lora_b_initializer
-            ),
+            **self.lora_config.to_dict(),
             "lora_merged": self._lora_merged,
         }
+        for name in ("lora_a_initializer", "lora_b_initializer"):
+            config[name] = initializers.serialize(getattr(self, name))
         if hasattr(self, "implementation"):  # Keras' cells drop it
             config["implementation"] = self.implementation
         base_config = super().get_config()

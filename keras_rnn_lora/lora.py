@@ -1,29 +1,21 @@
-"""Shared LoRA math: argument checks, scaling, factor creation and the delta.
+"""LoRA settings and math: `LoRAConfig`, argument checks, scaling, factor
+creation, the delta and safe merging.
 
-Everything here is backend-agnostic (`keras.ops` only) and used by the cells,
-the fused layers and the model-level helpers alike.
+Everything here is backend-agnostic (`keras.ops` and NumPy) and shared by
+the cells, the layers and the model-level functions alike.
 """
 
+import dataclasses
 import math
 import numbers
 
+import keras
 import numpy as np
+from keras import initializers
 from keras import ops
 
-#: Kernels a LoRA adapter can target, by their short name.
+#: Kernels a recurrent adapter can target, by their short name.
 LORA_TARGETS = ("kernel", "recurrent")
-
-#: Constructor arguments the LoRA cells add to their Keras parents.
-LORA_CONFIG_KEYS = (
-    "rank",
-    "lora_alpha",
-    "use_rslora",
-    "lora_dropout",
-    "lora_targets",
-    "lora_a_initializer",
-    "lora_b_initializer",
-    "lora_merged",
-)
 
 #: The Keras attribute (and weight name) of the kernel behind each target.
 KERNEL_ATTRIBUTES = {"kernel": "kernel", "recurrent": "recurrent_kernel"}
@@ -36,15 +28,22 @@ def _invalid(argument, expected, value):
     )
 
 
-def validate_rank(rank, units):
-    """Checks `rank` is an integer in `[1, units]` and returns it."""
-    is_int = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
-    if not is_int or not 1 <= rank <= units:
-        raise _invalid(
-            "rank",
-            f"a positive integer no larger than `units` ({units})",
-            rank,
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_rank(rank, units=None):
+    """Checks `rank` is a positive integer (no larger than `units` when
+    given) and returns it."""
+    if not _is_int(rank) or rank < 1 or (units is not None and rank > units):
+        expected = "a positive integer" + (
+            "" if units is None else f" no larger than `units` ({units})"
         )
+        raise _invalid("rank", expected, rank)
     return int(rank)
 
 
@@ -52,20 +51,16 @@ def validate_lora_alpha(lora_alpha, rank):
     """Returns `lora_alpha` as a float (default: `rank`); must be > 0."""
     if lora_alpha is None:
         return float(rank)
-    is_number = isinstance(lora_alpha, numbers.Real) and not isinstance(
-        lora_alpha, bool
-    )
-    if not is_number or not math.isfinite(lora_alpha) or lora_alpha <= 0:
+    if not _is_real(lora_alpha) or not math.isfinite(lora_alpha):
+        raise _invalid("lora_alpha", "a finite number > 0", lora_alpha)
+    if lora_alpha <= 0:
         raise _invalid("lora_alpha", "a finite number > 0", lora_alpha)
     return float(lora_alpha)
 
 
 def validate_lora_dropout(lora_dropout):
     """Returns `lora_dropout` as a float; must lie in `[0, 1)`."""
-    is_number = isinstance(lora_dropout, numbers.Real) and not isinstance(
-        lora_dropout, bool
-    )
-    if not is_number or not 0.0 <= lora_dropout < 1.0:
+    if not _is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
         raise _invalid("lora_dropout", "a float in [0, 1)", lora_dropout)
     return float(lora_dropout)
 
@@ -100,6 +95,87 @@ def validate_lora_targets(lora_targets):
     return tuple(t for t in LORA_TARGETS if t in targets)
 
 
+def validate_initializer(name, value):
+    """Returns a Keras initializer for `value`, naming `name` if invalid."""
+    try:
+        return initializers.get(value)
+    except (ValueError, TypeError):
+        raise _invalid(name, "a Keras initializer", value) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """The settings of a LoRA adapter, validated once.
+
+    What the cells, `LoRAGRU`/`LoRALSTM`/`LoRASimpleRNN` and `enable_lora`
+    all take (as keyword arguments of the same names), in one place:
+
+    Args:
+        rank: int, the rank `r` of the update (at most the layer's width).
+        lora_alpha: float > 0, the LoRA alpha. Defaults to `rank` (scale 1).
+        use_rslora: bool, default `False`: scale by `lora_alpha / rank`;
+            `True`: by `lora_alpha / sqrt(rank)` (rank-stabilised LoRA).
+        lora_dropout: float in `[0, 1)`, default 0. Dropout on the input of
+            the LoRA branch, in training only (recurrent adapters).
+        lora_targets: which kernels of a recurrent cell get a LoRA update,
+            from `("kernel", "recurrent")`. Default `("recurrent",)`.
+        lora_a_initializer: initializer of the `A` factors. Default
+            `"he_uniform"`.
+        lora_b_initializer: initializer of the `B` factors. Default
+            `"zeros"`, so a fresh adapter leaves the outputs unchanged.
+
+    Reference: PEFT's `LoraConfig` (rank, alpha, rsLoRA, dropout, targets).
+    """
+
+    rank: int
+    lora_alpha: float = None
+    use_rslora: bool = False
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ("recurrent",)
+    lora_a_initializer: object = "he_uniform"
+    lora_b_initializer: object = "zeros"
+
+    def __post_init__(self):
+        rank = validate_rank(self.rank)
+        values = {
+            "rank": rank,
+            "lora_alpha": validate_lora_alpha(self.lora_alpha, rank),
+            "use_rslora": validate_use_rslora(self.use_rslora),
+            "lora_dropout": validate_lora_dropout(self.lora_dropout),
+            "lora_targets": validate_lora_targets(self.lora_targets),
+        }
+        for name in ("lora_a_initializer", "lora_b_initializer"):
+            # Stored serialized: one spelling per initializer, so configs
+            # compare equal however they were written.
+            initializer = validate_initializer(name, getattr(self, name))
+            values[name] = initializers.serialize(initializer)
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    @property
+    def scaling(self):
+        """The scale `s` of the update `s * A @ B`."""
+        return lora_scaling(self.rank, self.lora_alpha, self.use_rslora)
+
+    def to_dict(self):
+        """The settings as keyword arguments (JSON-serializable)."""
+        config = dataclasses.asdict(self)
+        config["lora_targets"] = list(self.lora_targets)
+        return config
+
+    def replace(self, **changes):
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+#: Constructor arguments the LoRA cells and layers add to their Keras
+#: parents: every `LoRAConfig` field, and the merge state.
+LORA_CONFIG_KEYS = (
+    *(field.name for field in dataclasses.fields(LoRAConfig)),
+    "lora_merged",
+)
+
+
 def lora_scaling(rank, lora_alpha, use_rslora=False):
     """The LoRA scale `s`: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA).
 
@@ -109,26 +185,25 @@ def lora_scaling(rank, lora_alpha, use_rslora=False):
     return lora_alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
-def add_lora_factors(layer, target, input_dim, output_dim, rank):
+def add_lora_factors(layer, prefix, input_dim, output_dim, config):
     """Creates the float32 factors `A` (input_dim, rank) and `B` (rank,
-    output_dim) of `target` on `layer` and returns them.
+    output_dim) named `<prefix>_a` and `<prefix>_b` on `layer`.
 
-    Weight names follow Keras: `lora_kernel_a`, `lora_recurrent_kernel_b`, ...
+    Weight names follow Keras: `lora_kernel_a`, `lora_recurrent_kernel_b`.
     """
-    prefix = f"lora_{KERNEL_ATTRIBUTES[target]}"
     # autocast=False: reading them inside a mixed-precision call must not
     # round them to float16/bfloat16; the cells cast explicitly.
     a = layer.add_weight(
         name=f"{prefix}_a",
-        shape=(input_dim, rank),
-        initializer=layer.lora_a_initializer,
+        shape=(input_dim, config.rank),
+        initializer=initializers.get(config.lora_a_initializer),
         dtype="float32",
         autocast=False,
     )
     b = layer.add_weight(
         name=f"{prefix}_b",
-        shape=(rank, output_dim),
-        initializer=layer.lora_b_initializer,
+        shape=(config.rank, output_dim),
+        initializer=initializers.get(config.lora_b_initializer),
         dtype="float32",
         autocast=False,
     )
@@ -151,7 +226,7 @@ def to_numpy(value):
 def merged_kernel(base, a, b, scaling, dtype, where):
     """`base + scaling * a @ b` in `dtype`, as a NumPy array.
 
-    Computed in float32, then cast to the kernel's `dtype`. Refuses (as
+    Computed in float64, then cast to the kernel's `dtype`. Refuses (as
     PEFT's `safe_merge` does) a result holding NaN or Inf, whether the factors
     hold them or their product overflows `dtype`: a merged kernel is often
     made permanent, so a broken one must never be written.
@@ -188,3 +263,27 @@ def check_finite(value, what):
             "hold NaN/Inf, or their product overflows the kernel's dtype. "
             "Nothing was changed."
         )
+
+
+class EffectiveKernelRegularizer(keras.regularizers.Regularizer):
+    """A targeted kernel's regularizer, applied to `W + s*A@B`.
+
+    Keras collects regularization losses of trainable weights only, and a
+    LoRA target is frozen: this rides on the adapter's `B` (the value it is
+    called with is ignored), equals the stock loss while `B = 0` and reaches
+    the factors. Nothing while the kernel itself is trainable (Keras then
+    regularizes it directly); merged, the factors are frozen too.
+    """
+
+    def __init__(self, layer, target, regularizer):
+        self.layer = layer
+        self.target = target
+        self.regularizer = regularizer
+
+    def __call__(self, _):
+        if self.layer.lora_kernel(self.target).trainable:
+            return ops.zeros((), "float32")
+        return self.regularizer(self.layer.effective_kernel(self.target))
+
+    def get_config(self):
+        return keras.regularizers.serialize(self.regularizer)

@@ -6,15 +6,15 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from adapters_test import functional_model
-from adapters_test import randomize_weights
-from adapters_test import sequential_model
-from adapters_test import x_batch
 from conftest import randomize_lora
 from conftest import to_numpy
+from example_models import functional_model
+from example_models import randomize_weights
+from example_models import sequential_model
+from example_models import x_batch
 
 import keras_rnn_lora
-from keras_rnn_lora.adapters import lora_cells
+from keras_rnn_lora.walk import lora_cells
 
 
 def trained_adapter(base, seed=0, **kwargs):

@@ -54,7 +54,7 @@ def stock_twin(lora_cell):
         value = to_numpy(value).astype("float64")
         target = {"kernel": "kernel", "recurrent_kernel": "recurrent"}.get(name)
         if target in lora_cell.lora_targets and not lora_cell.lora_merged:
-            a, b = lora_cell._factors(target)
+            a, b = lora_cell.lora_factors(target)
             value = value + lora_cell.scaling * (
                 to_numpy(a).astype("float64") @ to_numpy(b).astype("float64")
             )

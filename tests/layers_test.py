@@ -10,7 +10,7 @@ from conftest import to_numpy
 from fused_reference import patch_fused_kernels
 
 import keras_rnn_lora
-from keras_rnn_lora.adapters import lora_cells
+from keras_rnn_lora.walk import lora_cells
 
 LAYERS = [
     keras_rnn_lora.LoRASimpleRNN,

@@ -7,8 +7,9 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import iwslt_dir
 
-from keras_rnn_lora.data import iwslt2017
-from keras_rnn_lora.data.iwslt2017 import IWSLTDataError
+from keras_rnn_lora.translation import iwslt2017
+from keras_rnn_lora.translation import iwslt2017_tfds
+from keras_rnn_lora.translation.iwslt2017 import IWSLTDataError
 
 XML = """<?xml version="1.0" encoding="UTF-8"?>
 <mteval>
@@ -90,7 +91,7 @@ def test_tfds_builder_prepares_from_manual_dir_without_network(
     )
     monkeypatch.delenv("IWSLT2017_DIR", raising=False)
     builder = tfds.builder("iwslt2017/en-de", data_dir=str(tmp_path / "tfds"))
-    assert isinstance(builder, iwslt2017.Iwslt2017)
+    assert isinstance(builder, iwslt2017_tfds.Iwslt2017)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=data_dir)
     )
@@ -105,7 +106,7 @@ def test_tfds_builder_prepares_from_manual_dir_without_network(
 
 def test_load_iwslt2017_keeps_file_order_and_max_pairs():
     data_dir = iwslt_dir()
-    dataset = iwslt2017.load_iwslt2017("train", data_dir, max_pairs=3)
+    dataset = iwslt2017_tfds.load_iwslt2017("train", data_dir, max_pairs=3)
     got = [
         (p["en"].numpy().decode(), p["de"].numpy().decode()) for p in dataset
     ]
@@ -143,7 +144,7 @@ def test_archive_as_input_and_cache_per_source(tmp_path, kind):
         shutil.make_archive(
             str(archive)[:-4], "zip", tmp_path / "release", "en-de"
         )
-    dataset = iwslt2017.load_iwslt2017("validation", str(archive))
+    dataset = iwslt2017_tfds.load_iwslt2017("validation", str(archive))
     assert [p["en"].numpy().decode() for p in dataset] == [
         "Yes. dev2010",
         "Yes.",
@@ -151,11 +152,11 @@ def test_archive_as_input_and_cache_per_source(tmp_path, kind):
     other = tiny_release(
         tmp_path / "other", ["Other one."], ["Anderes."]
     ).parent
-    other_train = iwslt2017.load_iwslt2017("train", str(other))
+    other_train = iwslt2017_tfds.load_iwslt2017("train", str(other))
     assert [p["en"].numpy().decode() for p in other_train] == ["Other one."]
-    assert iwslt2017.prepared_dir(str(other)) != iwslt2017.prepared_dir(
-        str(archive)
-    )
+    assert iwslt2017_tfds.prepared_dir(
+        str(other)
+    ) != iwslt2017_tfds.prepared_dir(str(archive))
 
 
 def test_empty_pairs_are_dropped_and_counted(tmp_path):
@@ -201,7 +202,7 @@ def test_error_empty_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="`split`.*split='dev'"):
         iwslt2017.read_split(folder, "dev")
     with pytest.raises(ValueError, match="`max_pairs`"):
-        iwslt2017.load_iwslt2017("train", str(tmp_path), max_pairs=0)
+        iwslt2017_tfds.load_iwslt2017("train", str(tmp_path), max_pairs=0)
 
 
 # -- errors name the file and the line ---------------------------------------

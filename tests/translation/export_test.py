@@ -15,10 +15,14 @@ from conftest import BACKEND
 from conftest import iwslt_dir
 
 import keras_rnn_lora
-from keras_rnn_lora import export
-from keras_rnn_lora import seq2seq
-from keras_rnn_lora import text
-from keras_rnn_lora.data import iwslt2017
+from keras_rnn_lora.translation import evaluation
+from keras_rnn_lora.translation import export
+from keras_rnn_lora.translation import iwslt2017
+from keras_rnn_lora.translation import serving_versions
+from keras_rnn_lora.translation.model import build_translator
+from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
+from keras_rnn_lora.walk import iter_layers
+from keras_rnn_lora.walk import lora_cells
 
 # Tests of the SavedModel itself run once; exports from JAX or torch models
 # (through a TensorFlow-backend child process) are covered by the others.
@@ -34,26 +38,33 @@ MAX_LENGTH = 12
 def tokenizer_dir(tmp_path_factory):
     pairs = iwslt2017.read_pairs("train", iwslt_dir(), max_pairs=2000)
     directory = str(tmp_path_factory.mktemp("tokenizers"))
-    text.get_tokenizers(pairs, directory, vocab_size=600)
+    TranslationPreprocessor.train(pairs, directory, 600, max_length=MAX_LENGTH)
     return directory
+
+
+def with_length(preprocessor, max_length):
+    """The same tokenizers with another `max_length`."""
+    return TranslationPreprocessor(
+        preprocessor.source_proto, preprocessor.target_proto, max_length
+    )
 
 
 @pytest.fixture
 def translator(tokenizer_dir):
-    """A small LoRA translator with non-zero factors, and its tokenizers."""
-    src, tgt = text.get_tokenizers([], tokenizer_dir, vocab_size=600)
-    model = seq2seq.build_translator(
-        int(src.vocabulary_size()),
-        int(tgt.vocabulary_size()),
+    """A small LoRA translator with non-zero factors, and its preprocessor."""
+    preprocessor = TranslationPreprocessor.load(tokenizer_dir)
+    model = build_translator(
+        preprocessor.source_vocabulary_size,
+        preprocessor.target_vocabulary_size,
         embedding_dim=16,
         units=32,
     )
     model = keras_rnn_lora.enable_lora(model, rank=2)
     rng = np.random.default_rng(0)
-    for cell in keras_rnn_lora.adapters.lora_cells(model).values():
+    for cell in lora_cells(model).values():
         for w in cell.lora_weights:
             w.assign(rng.normal(size=w.shape).astype("float32") * 0.3)
-    return model, src, tgt
+    return model, preprocessor
 
 
 LOAD_AND_TRANSLATE = """
@@ -85,24 +96,22 @@ def run_python(script, *args, cwd):
 def test_export_serves_same_translations_in_a_clean_process(
     translator, tmp_path
 ):
-    model, src, tgt = translator
-    path = export.export_translator(
-        model, src, tgt, tmp_path / "serving", max_length=MAX_LENGTH
-    )
+    model, preprocessor = translator
+    path = export.export_translator(model, preprocessor, tmp_path / "serving")
     assert path == str(tmp_path / "serving" / "iwslt_en_de" / "1")
-    expected = seq2seq.translate(model, SENTENCES, src, tgt, MAX_LENGTH)
+    expected = evaluation.translate(model, preprocessor, SENTENCES)
     stdout = run_python(
         LOAD_AND_TRANSLATE, path, json.dumps(SENTENCES), cwd=tmp_path
     )
     got = json.loads(stdout.split("RESULT", 1)[1])
     assert got == expected
     # The model given is left as it was: still LoRA, still unmerged.
-    cells = keras_rnn_lora.adapters.lora_cells(model).values()
+    cells = lora_cells(model).values()
     assert cells and not any(c.lora_merged for c in cells)
 
 
 CHECK_GRAPH = """
-import sys
+import json, sys
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import op_def_registry
@@ -118,19 +127,17 @@ function_names = {
     for g in proto.meta_graphs
     for f in g.graph_def.library.function
 }
-print("NONCORE", sorted(
+print("NONCORE" + json.dumps(sorted(
     op for op in ops
     if op not in function_names and op_def_registry.get(op) is None
-))
+)))
 """
 
 
 @tensorflow_only
 def test_signatures_and_ops_are_servable(translator, tmp_path):
-    model, src, tgt = translator
-    path = export.export_translator(
-        model, src, tgt, tmp_path, max_length=MAX_LENGTH
-    )
+    model, preprocessor = translator
+    path = export.export_translator(model, preprocessor, tmp_path)
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     shown = subprocess.run(
         [cli, "show", "--dir", path, "--all"],
@@ -150,7 +157,7 @@ def test_signatures_and_ops_are_servable(translator, tmp_path):
     # Every op is core TensorFlow (known without tensorflow_text loaded)
     # or one of the TF Text SentencePiece ops TF Serving links in.
     stdout = run_python(CHECK_GRAPH, path, cwd=tmp_path)
-    noncore = eval(stdout.split("NONCORE", 1)[1])  # a printed list
+    noncore = json.loads(stdout.split("NONCORE", 1)[1])
     assert set(noncore) <= set(export.TF_TEXT_OPS), noncore
 
 
@@ -159,10 +166,8 @@ def test_warmup_and_hostile_inputs(translator, tmp_path):
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
-    model, src, tgt = translator
-    path = export.export_translator(
-        model, src, tgt, tmp_path, max_length=MAX_LENGTH
-    )
+    model, preprocessor = translator
+    path = export.export_translator(model, preprocessor, tmp_path)
     serve = tf.saved_model.load(path).signatures["serving_default"]
     warmup = os.path.join(path, "assets.extra", "tf_serving_warmup_requests")
     records = list(tf.data.TFRecordDataset(warmup))
@@ -192,29 +197,33 @@ def test_warmup_and_hostile_inputs(translator, tmp_path):
 
 
 def test_versions_and_refusal_to_overwrite(translator, tmp_path):
-    model, src, tgt = translator
-    first = export.export_translator(model, src, tgt, tmp_path, max_length=4)
-    second = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    model, preprocessor = translator
+    first = export.export_translator(
+        model, with_length(preprocessor, 4), tmp_path
+    )
+    second = export.export_translator(
+        model, with_length(preprocessor, 4), tmp_path
+    )
     assert [os.path.basename(p) for p in (first, second)] == ["1", "2"]
     stamp = os.stat(os.path.join(first, "saved_model.pb")).st_mtime_ns
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export.export_translator(
-            model, src, tgt, tmp_path, version=1, max_length=4
+            model, with_length(preprocessor, 4), tmp_path, version=1
         )
     assert os.stat(os.path.join(first, "saved_model.pb")).st_mtime_ns == stamp
     again = export.export_translator(
-        model, src, tgt, tmp_path, version=1, max_length=4, overwrite=True
+        model, with_length(preprocessor, 4), tmp_path, version=1, overwrite=True
     )
     assert again == first
     assert sorted(os.listdir(tmp_path / "iwslt_en_de")) == ["1", "2"]
     with pytest.raises(ValueError, match="`max_length`"):
-        export.export_translator(model, src, tgt, tmp_path, max_length=0)
+        export.export_translator(model, with_length(preprocessor, 1), tmp_path)
 
 
 def test_interrupted_export_leaves_no_version(
     translator, tmp_path, monkeypatch
 ):
-    model, src, tgt = translator
+    model, preprocessor = translator
 
     def crash(path, name):
         os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
@@ -230,7 +239,7 @@ def test_interrupted_export_leaves_no_version(
             lambda *a: (_ for _ in ()).throw(OSError("child failed")),
         )
     with pytest.raises(OSError):
-        export.export_translator(model, src, tgt, tmp_path, max_length=4)
+        export.export_translator(model, with_length(preprocessor, 4), tmp_path)
     assert os.listdir(tmp_path / "iwslt_en_de") == []
     keras.backend.clear_session()
 
@@ -272,10 +281,8 @@ SERVER = textwrap.dedent(
 
 @tensorflow_only
 def test_serving_client_rest_request(translator, tmp_path):
-    model, src, tgt = translator
-    path = export.export_translator(
-        model, src, tgt, tmp_path, max_length=MAX_LENGTH
-    )
+    model, preprocessor = translator
+    path = export.export_translator(model, preprocessor, tmp_path)
     server = subprocess.Popen(
         [sys.executable, "-c", SERVER, path],
         stdout=subprocess.PIPE,
@@ -284,7 +291,11 @@ def test_serving_client_rest_request(translator, tmp_path):
     try:
         port = int(server.stdout.readline())
         client = os.path.join(
-            os.path.dirname(__file__), "..", "examples", "serving_client.py"
+            os.path.dirname(__file__),
+            "..",
+            "..",
+            "examples",
+            "serving_client.py",
         )
         result = subprocess.run(
             [
@@ -301,7 +312,7 @@ def test_serving_client_rest_request(translator, tmp_path):
     finally:
         server.kill()
     assert result.returncode == 0, result.stderr[-2000:]
-    expected = seq2seq.translate(model, SENTENCES, src, tgt, MAX_LENGTH)
+    expected = evaluation.translate(model, preprocessor, SENTENCES)
     for sentence, translation in zip(SENTENCES, expected, strict=True):
         assert f"{sentence}\n  -> {translation}" in result.stdout
 
@@ -329,10 +340,10 @@ def test_concurrent_export_takes_the_next_version(
 ):
     """Another export publishes version 1 while this one is writing: this
     one takes 2 and version 1 stays the other's."""
-    model, src, tgt = translator
+    model, preprocessor = translator
     model_dir = tmp_path / "iwslt_en_de"
     writer = (
-        "_write_savedmodel"
+        "write_savedmodel"
         if BACKEND == "tensorflow"
         else "_write_in_tensorflow_process"
     )
@@ -343,7 +354,9 @@ def test_concurrent_export_takes_the_next_version(
         published(model_dir / "1", "the other export")
 
     monkeypatch.setattr(export, writer, write_while_another_publishes)
-    path = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    path = export.export_translator(
+        model, with_length(preprocessor, 4), tmp_path
+    )
     assert path == str(model_dir / "2")
     assert (model_dir / "1" / "saved_model.pb").read_text() == (
         "the other export"
@@ -356,7 +369,7 @@ def test_concurrent_export_takes_the_next_version(
     )
     with pytest.raises(FileExistsError, match="3 already exists"):
         export.export_translator(
-            model, src, tgt, tmp_path, version=3, max_length=4
+            model, with_length(preprocessor, 4), tmp_path, version=3
         )
     assert (model_dir / "3" / "saved_model.pb").read_text() == "x"
     assert sorted(os.listdir(model_dir)) == ["1", "2", "3"]
@@ -365,8 +378,10 @@ def test_concurrent_export_takes_the_next_version(
 def test_failed_overwrite_keeps_the_old_version(
     translator, tmp_path, monkeypatch
 ):
-    model, src, tgt = translator
-    first = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    model, preprocessor = translator
+    first = export.export_translator(
+        model, with_length(preprocessor, 4), tmp_path
+    )
     before = open(os.path.join(first, "saved_model.pb"), "rb").read()
     real_rename = os.rename
 
@@ -375,10 +390,14 @@ def test_failed_overwrite_keeps_the_old_version(
             raise OSError("disk failure between the two renames")
         real_rename(source, target)
 
-    monkeypatch.setattr(export.os, "rename", fail_second_rename)
+    monkeypatch.setattr(serving_versions.os, "rename", fail_second_rename)
     with pytest.raises(OSError, match="between the two renames"):
         export.export_translator(
-            model, src, tgt, tmp_path, version=1, max_length=4, overwrite=True
+            model,
+            with_length(preprocessor, 4),
+            tmp_path,
+            version=1,
+            overwrite=True,
         )
     monkeypatch.undo()
     assert open(os.path.join(first, "saved_model.pb"), "rb").read() == before
@@ -391,14 +410,16 @@ def test_next_export_recovers_a_killed_overwrite_and_stale_staging(
     """A process killed between the two renames of an overwrite left its
     old version in a hidden folder and no version 1; another left a staging
     folder. The next export puts version 1 back and takes number 2."""
-    model, src, tgt = translator
+    model, preprocessor = translator
     model_dir = tmp_path / "iwslt_en_de"
     host, pid = socket.gethostname(), dead_pid()
     published(model_dir / f".old-{host}-{pid}-v1", "old version 1")
     published(model_dir / f".tmp-{host}-{pid}-abc123" / "export", "partial")
     alive = model_dir / f".tmp-{host}-{os.getpid()}-live"
     published(alive, "an export in progress in a live process")
-    path = export.export_translator(model, src, tgt, tmp_path, max_length=4)
+    path = export.export_translator(
+        model, with_length(preprocessor, 4), tmp_path
+    )
     assert path == str(model_dir / "2")
     assert (model_dir / "1" / "saved_model.pb").read_text() == "old version 1"
     assert sorted(os.listdir(model_dir)) == sorted(["1", "2", alive.name])
@@ -406,23 +427,24 @@ def test_next_export_recovers_a_killed_overwrite_and_stale_staging(
 
 @pytest.mark.parametrize("version", [True, False, 0, -1, 1.0, "2"])
 def test_version_must_be_a_positive_integer(translator, tmp_path, version):
-    model, src, tgt = translator
+    model, preprocessor = translator
     with pytest.raises(ValueError, match="`version`, expected a positive"):
         export.export_translator(
-            model, src, tgt, tmp_path, version=version, max_length=4
+            model, with_length(preprocessor, 4), tmp_path, version=version
         )
     assert not (tmp_path / "iwslt_en_de" / "True").exists()
 
 
 def test_export_refuses_a_non_finite_adapter(translator, tmp_path):
-    model, src, tgt = translator
-    cell = next(iter(keras_rnn_lora.adapters.lora_cells(model).values()))
+    model, preprocessor = translator
+    cell = next(iter(lora_cells(model).values()))
     value = keras.ops.convert_to_numpy(cell.lora_weights[1]).copy()
     value[0, 0] = np.inf
     cell.lora_weights[1].assign(value)
     with pytest.raises(ValueError, match="non-finite"):
-        export.export_translator(model, src, tgt, tmp_path, max_length=4)
-    assert os.listdir(tmp_path / "iwslt_en_de") == []
+        export.export_translator(model, with_length(preprocessor, 4), tmp_path)
+    # Refused before anything was written.
+    assert not (tmp_path / "iwslt_en_de").exists()
 
 
 @tensorflow_only
@@ -433,19 +455,15 @@ def test_export_traces_without_the_fused_kernels(
     graph must not be, or a CPU server could not load its cuDNN ops."""
     from fused_reference import patch_fused_kernels
 
-    model, src, tgt = translator
+    model, preprocessor = translator
     calls = patch_fused_kernels(monkeypatch)
-    expected = seq2seq.translate(model, SENTENCES, src, tgt, MAX_LENGTH)
+    expected = evaluation.translate(model, preprocessor, SENTENCES)
     assert calls["gru"] > 0  # the model itself runs fused
     calls.clear()
-    path = export.export_translator(
-        model, src, tgt, tmp_path, max_length=MAX_LENGTH
-    )
+    path = export.export_translator(model, preprocessor, tmp_path)
     assert sum(calls.values()) == 0
     layers = [
-        layer
-        for _, layer in keras_rnn_lora.adapters.iter_layers(model)
-        if hasattr(layer, "use_cudnn")
+        layer for _, layer in iter_layers(model) if hasattr(layer, "use_cudnn")
     ]
     assert layers
     assert all(x.get_config().get("use_cudnn") == "auto" for x in layers)

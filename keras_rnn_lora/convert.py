@@ -1,0 +1,380 @@
+"""Converting a model: `enable_lora` puts adapters on its recurrent layers,
+`to_base_model` turns them back into stock Keras layers with merged
+weights.
+
+    lora_model = keras_rnn_lora.enable_lora(model, rank=8)
+    keras_rnn_lora.mark_only_lora_as_trainable(lora_model)
+    lora_model.compile(...); lora_model.fit(new_data)
+
+Both work on the model's Keras config: the recurrent layers in it are
+rewritten (`GRU` -> `LoRAGRU`, `keras.layers.RNN` over a stock cell -> the
+same `RNN` over the LoRA cell, also inside `Bidirectional`,
+`StackedRNNCells`, nested models and models whose config nests their
+sub-models), the model is rebuilt from the config and the trained weights
+are copied in, in order, through NumPy. `keras.models.clone_model` was
+considered and not used: it rebuilds a functional subclass (such as the
+translator, which owns `encode`/`decode_step`) as a plain functional model,
+and its `clone_function` cannot see the cells inside `RNN`,
+`Bidirectional` or `StackedRNNCells`.
+"""
+
+import copy
+
+import keras
+
+from keras_rnn_lora import lora
+from keras_rnn_lora.cells import LORA_CELLS
+from keras_rnn_lora.layers import LORA_LAYERS
+from keras_rnn_lora.walk import check_model
+from keras_rnn_lora.walk import iter_layers
+from keras_rnn_lora.walk import lora_adapters
+from keras_rnn_lora.walk import lora_weight_ids
+
+_LORA_CELL_FOR = {cls._keras_cell.__name__: cls for cls in LORA_CELLS}
+_LORA_LAYER_FOR = {cls._keras_layer.__name__: cls for cls in LORA_LAYERS}
+_STOCK_FOR = {
+    **{cls.__name__: cls._keras_cell for cls in LORA_CELLS},
+    **{cls.__name__: cls._keras_layer for cls in LORA_LAYERS},
+}
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _is_keras_class(node, names):
+    return (
+        isinstance(node, dict)
+        and node.get("class_name") in names
+        and str(node.get("module", "")).startswith("keras")
+        and not node.get("registered_name")
+    )
+
+
+def _from_config(node):
+    # Deep copy: Keras' `from_config` pops keys from the dict it is given.
+    return keras.saving.deserialize_keras_object(copy.deepcopy(node))
+
+
+def _serialized(layer, node):
+    """`layer` serialized, keeping what else `node` carried (the functional
+    graph's `inbound_nodes`, for one)."""
+    return {**node, **keras.saving.serialize_keras_object(layer)}
+
+
+def _lora_cell(node, lora_args):
+    """A serialized stock cell (or `StackedRNNCells`) as its LoRA twin:
+    `(new_node, converted)`. LoRA cells and custom cells stay as they are."""
+    if _is_keras_class(node, {"StackedRNNCells"}):
+        cells = [
+            _lora_cell(child, lora_args) for child in node["config"]["cells"]
+        ]
+        config = {**node["config"], "cells": [cell for cell, _ in cells]}
+        return {**node, "config": config}, any(done for _, done in cells)
+    if not _is_keras_class(node, set(_LORA_CELL_FOR)):
+        return node, False
+    stock = _from_config(node)
+    try:
+        cell = _LORA_CELL_FOR[node["class_name"]](
+            **stock.get_config(), **lora_args
+        )
+    except ValueError as error:
+        raise ValueError(f"Cell '{stock.name}': {error}") from None
+    return _serialized(cell, node), True
+
+
+def _lora_recurrent_layer(node, lora_args):
+    """A serialized recurrent layer rewritten to run LoRA cells:
+    `(new_node, converted)`. `SimpleRNN`, `GRU` and `LSTM` become
+    `LoRASimpleRNN`, `LoRAGRU` and `LoRALSTM` (which keep the fused path on
+    a GPU); `RNN` keeps its class with its cell swapped."""
+    if node["class_name"] == "RNN":
+        cell, converted = _lora_cell(node["config"]["cell"], lora_args)
+        return {**node, "config": {**node["config"], "cell": cell}}, converted
+    stock = _from_config(node)
+    try:
+        layer = _LORA_LAYER_FOR[node["class_name"]].from_config(
+            {**stock.get_config(), **lora_args}
+        )
+    except ValueError as error:
+        raise ValueError(f"Cell '{stock.cell.name}': {error}") from None
+    return _serialized(layer, node), True
+
+
+class _Conversion:
+    """One walk over a serialized model, converting the selected layers."""
+
+    def __init__(self, lora_args, wanted):
+        self.lora_args = lora_args
+        self.wanted = wanted  # layer names to convert below; None: all
+        self.seen = set()  # every layer name met, to report unknown ones
+        self.converted = 0
+
+    def walk(self, node, selected=False):
+        if isinstance(node, list):
+            return [self.walk(item, selected) for item in node]
+        if not isinstance(node, dict):
+            return node
+        config = node.get("config")
+        name = config.get("name") if isinstance(config, dict) else None
+        if name is not None and "class_name" in node:
+            self.seen.add(name)
+            selected = selected or self.wanted is None or name in self.wanted
+        recurrent = set(_LORA_LAYER_FOR) | {"RNN"}
+        if selected and _is_keras_class(node, recurrent):
+            node, converted = _lora_recurrent_layer(node, self.lora_args)
+            self.converted += converted
+            return node
+        return {key: self.walk(value, selected) for key, value in node.items()}
+
+
+def _check_base_dtype(base_dtype):
+    """`base_dtype` as a `keras.DTypePolicy` of floating dtypes."""
+    try:
+        policy = keras.DTypePolicy(base_dtype)
+    except (ValueError, TypeError):
+        policy = None
+    dtypes = {policy.variable_dtype, policy.compute_dtype} if policy else None
+    if not dtypes or not dtypes <= set(_FLOAT_DTYPES):
+        raise ValueError(
+            "Received an invalid value for `base_dtype`, expected a floating "
+            f"dtype ({', '.join(map(repr, _FLOAT_DTYPES))}) or a mixed "
+            "policy name such as 'mixed_bfloat16'. Received: "
+            f"base_dtype={base_dtype!r}"
+        )
+    return policy
+
+
+def _lora_config(rank, config, lora_kwargs):
+    """The adapter's `LoRAConfig`, from `config` or from keyword arguments."""
+    if config is not None:
+        if not isinstance(config, lora.LoRAConfig):
+            raise TypeError(
+                "Received an invalid value for `config`, expected a "
+                f"keras_rnn_lora.LoRAConfig. Received: config={config!r}"
+            )
+        if rank is not None or lora_kwargs:
+            given = (["rank"] if rank is not None else []) + sorted(lora_kwargs)
+            raise ValueError(
+                "Pass the LoRA settings either as `config=LoRAConfig(...)` or "
+                f"as keyword arguments, not both. Received config={config} "
+                f"and {given}."
+            )
+        return config
+    if rank is None:
+        raise ValueError(
+            "enable_lora needs the adapter's settings: pass `rank` (and any "
+            "other LoRA argument), or `config=LoRAConfig(...)`."
+        )
+    unknown = sorted(set(lora_kwargs) - set(lora.LORA_CONFIG_KEYS))
+    if unknown or "lora_merged" in lora_kwargs:
+        raise TypeError(
+            f"enable_lora got unexpected keyword arguments {unknown}; the "
+            "LoRA settings are the fields of keras_rnn_lora.LoRAConfig."
+        )
+    return lora.LoRAConfig(rank=rank, **lora_kwargs)
+
+
+def enable_lora(
+    model,
+    rank=None,
+    *,
+    config=None,
+    layers=None,
+    base_dtype=None,
+    **lora_kwargs,
+):
+    """Returns a copy of `model` whose recurrent layers run LoRA cells.
+
+    Every `keras.layers.SimpleRNN`, `GRU` and `LSTM` becomes `LoRASimpleRNN`,
+    `LoRAGRU` and `LoRALSTM`, and every `keras.layers.RNN` over a stock cell
+    or `StackedRNNCells` runs the matching LoRA cell (also inside
+    `Bidirectional`, nested functional or Sequential models, and models such
+    as the translator whose config nests their sub-models), carrying the
+    trained weights. Until the adapters train, the new model's outputs
+    equal `model`'s. `model` is left unchanged; calling this twice gives two
+    independent LoRA models. Recurrent layers that already carry LoRA are
+    kept as they are.
+
+    Args:
+        model: a built functional or Sequential `keras.Model` (subclassed
+            models whose config does not describe their layers cannot be
+            rebuilt: the error says what to do instead).
+        rank: the LoRA rank, `1 <= rank <= units` of every converted layer.
+        config: a `keras_rnn_lora.LoRAConfig` instead of `rank` and
+            `**lora_kwargs`.
+        layers: optional names of the layers to convert (a name also
+            converts every recurrent layer inside that layer or sub-model).
+            Default: all of them.
+        base_dtype: optional floating dtype, e.g. `"bfloat16"`, in which
+            every layer stores and computes its (frozen) weights (or a
+            policy name such as `"mixed_bfloat16"`); the LoRA factors and
+            their branch stay float32. Halves the base's memory and, on
+            CPUs with bfloat16 matmuls, speeds the frozen work up.
+        **lora_kwargs: the other `LoRAConfig` fields: `lora_alpha`,
+            `use_rslora`, `lora_dropout`, `lora_targets`,
+            `lora_a_initializer`, `lora_b_initializer`.
+
+    Returns:
+        A new `keras.Model` of the same architecture.
+
+    Example:
+
+    >>> lora_model = keras_rnn_lora.enable_lora(model, rank=8)
+    >>> keras_rnn_lora.mark_only_lora_as_trainable(lora_model)
+    """
+    check_model(model, "enable_lora", built=True)
+    settings = _lora_config(rank, config, lora_kwargs)
+    policy = None if base_dtype is None else _check_base_dtype(base_dtype)
+    wanted = None
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, str) else set(layers)
+    conversion = _Conversion(settings.to_dict(), wanted)
+    new_config = conversion.walk(keras.saving.serialize_keras_object(model))
+    if wanted is not None and wanted - conversion.seen:
+        raise ValueError(
+            f"Received an invalid value for `layers`: model '{model.name}' "
+            f"has no layer named {sorted(wanted - conversion.seen)}. "
+            f"Its layers: {[layer.name for layer in model.layers]}"
+        )
+    if conversion.converted == 0:
+        raise _nothing_converted(model, wanted)
+    if policy is not None:
+        new_config = _with_dtype(new_config, policy)
+    lora_model = keras.saving.deserialize_keras_object(new_config)
+    _copy_base_weights(model, lora_model)
+    _copy_adapters(model, lora_model)
+    return lora_model
+
+
+def _nothing_converted(model, wanted):
+    already = lora_adapters(model)
+    recurrent = any(
+        isinstance(layer, keras.layers.RNN) for _, layer in iter_layers(model)
+    )
+    if recurrent and not already and wanted is None:
+        return ValueError(
+            f"enable_lora cannot convert model '{model.name}': it is a "
+            f"subclassed keras.Model ({type(model).__name__}) whose config "
+            "does not describe its layers, so it cannot be rebuilt with LoRA "
+            "layers. Build it with the functional or Sequential API, or use "
+            "the LoRA layers in its code directly: keras_rnn_lora.LoRAGRU("
+            "units, rank=...) for keras.layers.GRU (LoRALSTM, LoRASimpleRNN "
+            "likewise), or keras.layers.RNN(keras_rnn_lora.LoRAGRUCell("
+            "units, rank=...))."
+        )
+    detail = (
+        f"it already carries LoRA in {sorted(already)}"
+        if already
+        else "it has no SimpleRNN, GRU, LSTM or RNN layer over a stock cell"
+    )
+    where = "" if wanted is None else f" under {wanted}"
+    return ValueError(
+        f"enable_lora found no recurrent layer to convert in model "
+        f"'{model.name}'{where}: {detail}."
+    )
+
+
+def _with_dtype(node, policy):
+    """Sets the dtype policy of every layer (not the inputs) in a config."""
+    if isinstance(node, list):
+        return [_with_dtype(item, policy) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _with_dtype(value, policy) for key, value in node.items()}
+    config = out.get("config")
+    is_input = node.get("class_name") == "InputLayer"
+    if "class_name" in node and isinstance(config, dict) and not is_input:
+        if "dtype" in config and "module" in node:
+            config["dtype"] = keras.saving.serialize_keras_object(policy)
+        initializer = config.get("recurrent_initializer")
+        if isinstance(initializer, dict) and (
+            initializer.get("class_name") == "Orthogonal"
+        ):
+            # No backend has a bfloat16 QR; the copied trained weights
+            # replace whatever is initialized, so any initializer will do.
+            config["recurrent_initializer"] = "glorot_uniform"
+    return out
+
+
+def _copy_base_weights(source, target, values=None):
+    """Copies `source`'s weights into the non-LoRA weights of `target`, in
+    order, through NumPy (on JAX `assign(variable)` can share a buffer that
+    `fit` later donates away). `values` overrides some by `id(weight)`."""
+    values = values or {}
+    source_ids, target_ids = lora_weight_ids(source), lora_weight_ids(target)
+    source_weights = [w for w in source.weights if id(w) not in source_ids]
+    target_weights = [w for w in target.weights if id(w) not in target_ids]
+    if len(source_weights) != len(target_weights):
+        raise RuntimeError(
+            f"Rebuilding model '{source.name}' gave {len(target_weights)} "
+            f"base weights instead of {len(source_weights)}; please report "
+            "this with the model's summary."
+        )
+    for src, dst in zip(source_weights, target_weights, strict=True):
+        if tuple(src.shape) != tuple(dst.shape) or src.name != dst.name:
+            raise RuntimeError(
+                f"Rebuilding model '{source.name}' misaligned weight "
+                f"'{src.path}' {tuple(src.shape)} with '{dst.path}' "
+                f"{tuple(dst.shape)}; please report this."
+            )
+        dst.assign(lora.to_numpy(values.get(id(src), src)))
+
+
+def _copy_adapters(source, target):
+    """Carries adapters `source` already had (factors, merge state,
+    pre-merge kernels) into the new model, through their store format."""
+    target_adapters = lora_adapters(target)
+    for path, adapter in lora_adapters(source).items():
+        store = {}
+        adapter.save_own_variables(store)
+        target_adapters[path].load_own_variables(store)
+
+
+def _stock_config(node):
+    """A serialized model with every LoRA cell and layer replaced by its
+    stock Keras twin."""
+    if isinstance(node, list):
+        return [_stock_config(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    stock_cls = _STOCK_FOR.get(node.get("class_name"))
+    if stock_cls is not None and "config" in node:
+        config = {
+            k: v
+            for k, v in node["config"].items()
+            if k not in lora.LORA_CONFIG_KEYS
+        }
+        stock = stock_cls.from_config(copy.deepcopy(config))
+        return _serialized(stock, node)
+    return {key: _stock_config(value) for key, value in node.items()}
+
+
+def to_base_model(model):
+    """The same architecture with stock Keras layers and merged weights.
+
+    Its recurrent layers need nothing from this library to load or serve
+    (a model class of your own still needs its code), and its outputs equal
+    `model`'s, merged or not. Every merge is checked first: if one would
+    hold NaN or Inf, a `ValueError` names its layer. `model` is left
+    unchanged.
+    """
+    check_model(model, "to_base_model", built=True)
+    adapters = lora_adapters(model)
+    if not adapters:
+        raise ValueError(
+            "`to_base_model` found no LoRA cell or layer in model "
+            f"'{model.name}'. Convert it first: `enable_lora(model, rank=...)`."
+        )
+    merged_values = {}
+    for path, adapter in adapters.items():
+        if adapter.lora_merged:  # the kernels already hold the merge
+            continue
+        try:
+            merged = adapter.merged_kernels()
+        except ValueError as error:
+            raise ValueError(f"Layer '{path}': {error}") from None
+        for target, value in merged.items():
+            merged_values[id(adapter.lora_kernel(target))] = value
+    base = keras.saving.deserialize_keras_object(
+        _stock_config(keras.saving.serialize_keras_object(model))
+    )
+    _copy_base_weights(model, base, merged_values)
+    return base

@@ -1,0 +1,230 @@
+"""SavedModel export of a translator for TensorFlow Serving: text in,
+translation out, with nothing of this library needed at serving time.
+
+The exported graph holds the merged model (stock GRU/LSTM/SimpleRNN math,
+no LoRA branch), the preprocessor's TF Text SentencePiece ops for
+tokenization and detokenization, and greedy decoding as a graph
+`while_loop`. Signatures:
+
+- `serving_default`: `text` (tf.string, [None]) -> `translation`
+  (tf.string, [None]);
+- `translate_tokens`: `tokens` (int32, [None, None], padding 0) ->
+  `tokens` (int32, [None, max_length], after `[START]`, `[END]` included).
+
+Versions go to `export_dir/<name>/<version>/` (see `serving_versions`).
+`assets.extra/tf_serving_warmup_requests` warms the server up on load. On
+the JAX or PyTorch backend the model is carried, through a `.keras` file,
+into a TensorFlow-backend process that runs this module:
+
+    KERAS_BACKEND=tensorflow python -m keras_rnn_lora.translation.export \\
+        MODEL.keras PREPROCESSOR_DIR OUTPUT_DIR NAME
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import keras
+
+from keras_rnn_lora.convert import to_base_model
+from keras_rnn_lora.translation import serving_versions
+from keras_rnn_lora.translation.decoding import greedy_decode
+from keras_rnn_lora.walk import iter_layers
+from keras_rnn_lora.walk import lora_adapters
+
+WARMUP_SENTENCES = ("Thank you so much, Chris.", "")
+TF_TEXT_OPS = (
+    # The TF Text ops this graph uses; TensorFlow Serving links TF Text in.
+    "SentencepieceOp",
+    "SentencepieceTokenizeOp",
+    "SentencepieceDetokenizeOp",
+)
+
+
+def export_translator(
+    model,
+    preprocessor,
+    export_dir,
+    *,
+    name="iwslt_en_de",
+    version=None,
+    overwrite=False,
+    merge=True,
+):
+    """Exports `model` with its preprocessor as a TF Serving SavedModel.
+
+    Args:
+        model: a `Translator`, with or without LoRA adapters (they are
+            merged into stock layers first).
+        preprocessor: its `TranslationPreprocessor`; its `max_length` caps
+            the source tokens kept and the target tokens generated.
+        export_dir: the serving root (`saved_models/`).
+        name: the model name TF Serving serves it under.
+        version: integer version; default: one above the highest present.
+        overwrite: replace an existing `version` (default: refuse).
+        merge: `True` (default) serves the merged base model. `False` keeps
+            the LoRA branch in the graph: only for measuring its cost.
+
+    Returns:
+        The path of the written version folder.
+    """
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
+        raise ValueError(
+            "Received an invalid value for `version`, expected a positive "
+            f"integer or None. Received: version={version!r}"
+        )
+    model_dir = os.path.join(os.path.abspath(export_dir), name)
+    if version is not None and not overwrite:
+        serving_versions.refuse_existing(os.path.join(model_dir, str(version)))
+    # Merged once here; the serving model carries no LoRA layer.
+    serving = to_base_model(model) if merge and lora_adapters(model) else model
+    with serving_versions.staging_folder(model_dir) as staging:
+        export = os.path.join(staging, "export")
+        if keras.backend.backend() == "tensorflow":
+            write_savedmodel(serving, preprocessor, export, name)
+        else:
+            _write_in_tensorflow_process(serving, preprocessor, staging, name)
+        return serving_versions.publish(export, model_dir, version, overwrite)
+
+
+def write_savedmodel(model, preprocessor, path, name):
+    """Writes the serving SavedModel of `model` to `path` (TensorFlow
+    backend): the signatures and the warmup records."""
+    import tensorflow as tf
+
+    module = _translator_module(model, preprocessor)
+    with _fused_kernels_off(model):
+        tf.saved_model.save(
+            module,
+            path,
+            signatures={
+                "serving_default": module.serve_text,
+                "translate_tokens": module.serve_tokens,
+            },
+        )
+    _write_warmup(path, name)
+
+
+@contextlib.contextmanager
+def _fused_kernels_off(model):
+    """Traces the serving graph with Keras' step loop, never cuDNN: a
+    SavedModel traced while a GPU is visible would otherwise hold cuDNN ops
+    that a CPU server cannot load. The settings are restored after."""
+    layers = [
+        layer for _, layer in iter_layers(model) if hasattr(layer, "use_cudnn")
+    ]
+    # The LoRA layers report their own setting in their config (their
+    # attribute reads as off while unmerged); the stock ones do not.
+    settings = [
+        layer.get_config().get("use_cudnn", layer.use_cudnn) for layer in layers
+    ]
+    for layer in layers:
+        layer.use_cudnn = False
+    try:
+        yield
+    finally:
+        for layer, setting in zip(layers, settings, strict=True):
+            layer.use_cudnn = setting
+
+
+def _write_warmup(path, name):
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["text"].CopyFrom(
+        tf.make_tensor_proto(list(WARMUP_SENTENCES), dtype=tf.string)
+    )
+    log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    )
+    extra = os.path.join(path, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    with tf.io.TFRecordWriter(
+        os.path.join(extra, "tf_serving_warmup_requests")
+    ) as writer:
+        writer.write(log.SerializeToString())
+
+
+def _write_in_tensorflow_process(model, preprocessor, staging, name):
+    """Carries the model into a TensorFlow-backend process (this module's
+    `main`) that writes `staging/export`."""
+    model_path = os.path.join(staging, "model.keras")
+    preprocessor_dir = os.path.join(staging, "preprocessor")
+    model.save(model_path)
+    preprocessor.save(preprocessor_dir)
+    command = [
+        sys.executable,
+        "-m",
+        "keras_rnn_lora.translation.export",
+        model_path,
+        preprocessor_dir,
+        os.path.join(staging, "export"),
+        name,
+    ]
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            "Exporting needs the TensorFlow backend: the model was carried "
+            "into a KERAS_BACKEND=tensorflow process, which failed "
+            "(install the `tensorflow` extra: pip install "
+            f"'keras-rnn-lora[tensorflow]'):\n{result.stderr[-3000:]}"
+        )
+
+
+def _translator_module(model, preprocessor):
+    import tensorflow as tf
+
+    class TranslatorModule(tf.Module):
+        """The serving graph: tokenize, greedy-decode, detokenize."""
+
+        def __init__(self):
+            super().__init__(name="translator")
+            self.model = model
+            self.preprocessor = preprocessor
+
+        def _decode(self, tokens):
+            tokens = tf.pad(tokens, [[0, 0], [0, 1]])  # never zero-width
+            max_length = self.preprocessor.max_length
+            return greedy_decode(self.model, tokens, max_length)
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, None], tf.int32, "tokens")],
+            autograph=False,
+        )
+        def serve_tokens(self, tokens):
+            tokens = tokens[:, : self.preprocessor.max_length]
+            return {"tokens": self._decode(tokens)}
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None], tf.string, "text")],
+            autograph=False,
+        )
+        def serve_text(self, text):
+            ragged = self.preprocessor.tokenize_source(text)
+            pad_id = self.preprocessor.pad_id
+            output = self._decode(ragged.to_tensor(default_value=pad_id))
+            return {"translation": self.preprocessor.detokenize_target(output)}
+
+    return TranslatorModule()
+
+
+def main(argv=None):
+    """The TensorFlow-backend side of `export_translator` (see module)."""
+    from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
+
+    model_path, preprocessor_dir, path, name = argv or sys.argv[1:]
+    model = keras.saving.load_model(model_path, compile=False)
+    preprocessor = TranslationPreprocessor.load(preprocessor_dir)
+    write_savedmodel(model, preprocessor, path, name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Walking a model: every layer with its path, and the LoRA adapters in it.
+
+Paths name what the user controls: layers of a model by their names, the
+parts of a recurrent layer by their role (`cell`, `forward`, `backward`,
+the position in `StackedRNNCells`). So "encoder/cell" or "bi/forward/cell"
+stay the same when the same architecture is built again, even where Keras
+numbered auto-generated cell names differently. Adapter files key adapters
+by these paths.
+"""
+
+import keras
+
+from keras_rnn_lora.merging import MergeableLoRA
+
+_ROLES = {
+    "forward_layer": "forward",
+    "backward_layer": "backward",
+    "layer": "layer",
+    "cell": "cell",
+}
+
+
+class _ModelTypeError(TypeError, ValueError):
+    """Not a Keras model. Also a `ValueError`, which 0.1.0 raised here."""
+
+
+def check_model(model, function, built=False):
+    """Checks the `model` argument of the model-level function `function`:
+    a `TypeError` naming it for anything but a `keras.Model`."""
+    if not isinstance(model, keras.Model):
+        raise _ModelTypeError(
+            f"`{function}` expects a keras.Model as `model`. Received: "
+            f"model={type(model).__name__}"
+            + (f" ({model!r})" if model is None else "")
+        )
+    if built and not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built: call it on a batch, or "
+            "give it an `Input`, before converting it."
+        )
+
+
+def iter_layers(layer, path=None):
+    """Yields `(path, layer)` for `layer` and everything inside it."""
+    path = layer.name if path is None else path
+    yield path, layer
+    children = []
+    if isinstance(layer, keras.Model):
+        children = [(child.name, child) for child in layer.layers]
+    for attribute, role in _ROLES.items():
+        child = getattr(layer, attribute, None)
+        if isinstance(child, keras.layers.Layer):
+            children.append((role, child))
+    stacked = getattr(layer, "cells", None) or []
+    children.extend((str(i), child) for i, child in enumerate(stacked))
+    for name, child in children:
+        yield from iter_layers(child, f"{path}/{name}")
+
+
+def lora_adapters(model):
+    """`{path: layer}` for every layer or cell of `model` that carries a
+    LoRA adapter (the recurrent cells, and Dense/EinsumDense/Embedding
+    adapters), paths below the model."""
+    return {
+        path.split("/", 1)[1]: layer
+        for path, layer in iter_layers(model)
+        if isinstance(layer, MergeableLoRA)
+    }
+
+
+def lora_cells(model):
+    """`{path: cell}` for the recurrent LoRA cells of `model` only."""
+    from keras_rnn_lora.cells import LORA_CELLS
+
+    return {
+        path: layer
+        for path, layer in lora_adapters(model).items()
+        if isinstance(layer, LORA_CELLS)
+    }
+
+
+def lora_weight_ids(model):
+    """The ids of every LoRA factor in `model`."""
+    return {
+        id(w)
+        for adapter in lora_adapters(model).values()
+        for w in adapter.lora_weights
+    }

@@ -1,0 +1,87 @@
+"""Tests for LoRAConfig and the shared LoRA math (keras_rnn_lora/lora.py)."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_rnn_lora
+from keras_rnn_lora import LoRAConfig
+from keras_rnn_lora import lora
+
+
+def test_config_defaults_validation_and_scaling():
+    config = LoRAConfig(rank=4)
+    assert config.lora_alpha == 4.0 and config.scaling == 1.0
+    assert config.lora_targets == ("recurrent",)
+    rs = LoRAConfig(
+        rank=4, lora_alpha=8, use_rslora=True, lora_targets="kernel"
+    )
+    assert rs.scaling == pytest.approx(4.0) and rs.lora_targets == ("kernel",)
+    assert rs.replace(rank=16).scaling == pytest.approx(2.0)
+    with pytest.raises(AttributeError):
+        config.rank = 2  # frozen
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rank": 0}, "`rank`.*positive integer"),
+        ({"rank": 2, "lora_alpha": float("nan")}, "`lora_alpha`"),
+        ({"rank": 2, "lora_dropout": 1.0}, "`lora_dropout`"),
+        ({"rank": 2, "lora_targets": ("input",)}, "`lora_targets`"),
+        ({"rank": 2, "use_rslora": 1}, "`use_rslora`"),
+        ({"rank": 2, "lora_a_initializer": "nope"}, "`lora_a_initializer`"),
+    ],
+)
+def test_config_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRAConfig(**kwargs)
+
+
+def test_config_is_what_cells_layers_and_enable_lora_take():
+    config = LoRAConfig(
+        rank=2, lora_alpha=6.0, lora_targets=("kernel", "recurrent")
+    )
+    cell = keras_rnn_lora.LoRAGRUCell(4, **config.to_dict())
+    assert cell.lora_config == config
+    assert (
+        keras_rnn_lora.LoRAGRU(4, **config.to_dict()).cell.lora_config == config
+    )
+    inputs = keras.Input((3, 2))
+    model = keras.Model(inputs, keras.layers.GRU(4)(inputs))
+    converted = keras_rnn_lora.enable_lora(model, config=config)
+    assert converted.layers[1].cell.lora_config == config
+    with pytest.raises(ValueError, match="either as `config=LoRAConfig"):
+        keras_rnn_lora.enable_lora(model, rank=2, config=config)
+    with pytest.raises(TypeError, match="`config`"):
+        keras_rnn_lora.enable_lora(model, config={"rank": 2})
+    with pytest.raises(ValueError, match="pass `rank`"):
+        keras_rnn_lora.enable_lora(model)
+
+
+def test_merged_kernel_refuses_non_finite_results():
+    base = np.ones((2, 3), "float32")
+    a, b = np.ones((2, 1), "float32"), np.ones((1, 3), "float32")
+    np.testing.assert_allclose(
+        lora.merged_kernel(base, a, b, 0.5, "float32", "x"), base + 0.5
+    )
+    with pytest.raises(ValueError, match="merged kernel of x.*6 non-finite"):
+        lora.merged_kernel(base, a * 1e30, b * 1e30, 1.0, "float32", "x")
+    with pytest.raises(ValueError, match="non-finite"):
+        lora.merged_kernel(base, a, b * 300, 300.0, "float16", "x")
+
+
+def test_cell_defaults_are_the_config_defaults():
+    """The cells spell their LoRA arguments out (Keras style); their
+    defaults must stay those of LoRAConfig."""
+    import dataclasses
+    import inspect
+
+    signature = inspect.signature(keras_rnn_lora.LoRAGRUCell.__init__)
+    for field in dataclasses.fields(LoRAConfig):
+        if field.name != "rank":
+            assert signature.parameters[field.name].default == field.default
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        inputs = keras.Input((3, 2))
+        model = keras.Model(inputs, keras.layers.GRU(4)(inputs))
+        keras_rnn_lora.enable_lora(model, rank=2, lora_aplha=3)

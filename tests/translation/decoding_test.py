@@ -1,0 +1,63 @@
+"""Tests for decoding: greedy and beam search over a step function."""
+
+import numpy as np
+import pytest
+from conftest import to_numpy
+from translators import SRC_VOCAB
+from translators import random_batch
+from translators import tiny_translator
+
+from keras_rnn_lora.translation import decoding
+from keras_rnn_lora.translation import tokens
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_incremental_decoding_equals_rerunning_the_prefix(cell):
+    model = tiny_translator(cell=cell, num_layers=2, bidirectional_encoder=True)
+    src, _, _ = random_batch(2)
+    steps = 6
+    greedy = to_numpy(decoding.greedy_decode(model, src, max_length=steps))
+    prefix = np.full((len(src), 1), tokens.START_ID, "int32")
+    for _ in range(steps):
+        logits = to_numpy(model([src, prefix]))
+        next_tokens = logits[:, -1].argmax(-1).astype("int32")
+        prefix = np.concatenate([prefix, next_tokens[:, None]], 1)
+    rerun = prefix[:, 1:]
+    for row, expected in zip(greedy, rerun, strict=True):
+        stop = list(expected).index(3) + 1 if 3 in expected else steps
+        np.testing.assert_array_equal(row[:stop], expected[:stop])
+        assert (row[stop:] == 0).all()
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_beam_width_one_is_greedy_and_wider_beams_score_no_lower(cell):
+    model = tiny_translator(cell=cell, num_layers=2, bidirectional_encoder=True)
+    src = np.random.default_rng(5).integers(4, SRC_VOCAB, (6, 7))
+    greedy, greedy_scores = decoding.greedy_decode(
+        model, src.astype("int32"), max_length=8, return_scores=True
+    )
+    beam1, beam1_scores = decoding.decode(model, src, 1, max_length=8)
+    np.testing.assert_array_equal(to_numpy(beam1), to_numpy(greedy))
+    np.testing.assert_allclose(to_numpy(beam1_scores), to_numpy(greedy_scores))
+    for width in (2, 4):
+        _, scores = decoding.decode(model, src, width, max_length=8)
+        assert (to_numpy(scores) >= to_numpy(greedy_scores) - 1e-5).all()
+    with pytest.raises(ValueError, match="`beam_width`"):
+        decoding.decode(model, src, 0)
+
+
+def test_compiled_decoder_matches_eager_decoding():
+    model = tiny_translator(cell="gru", num_layers=2)
+    src = (
+        np.random.default_rng(6).integers(4, SRC_VOCAB, (4, 7)).astype("int32")
+    )
+    for width in (1, 3):
+        expected, expected_scores = decoding.decode(model, src, width, 6)
+        decoder = decoding.compiled_decoder(
+            model, beam_width=width, max_length=6
+        )
+        tokens, scores = decoder(src)
+        np.testing.assert_array_equal(to_numpy(tokens), to_numpy(expected))
+        np.testing.assert_allclose(
+            to_numpy(scores), to_numpy(expected_scores), atol=1e-5
+        )

@@ -1,0 +1,60 @@
+"""Tests for translating text and BLEU/chrF."""
+
+import pytest
+from conftest import iwslt_dir
+
+from keras_rnn_lora.translation import decoding
+from keras_rnn_lora.translation import evaluation
+from keras_rnn_lora.translation import iwslt2017
+from keras_rnn_lora.translation import metrics
+from keras_rnn_lora.translation.model import build_translator
+from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
+
+
+def test_overfits_a_real_batch_and_greedy_reproduces_a_target(tmp_path):
+    pairs = iwslt2017.read_pairs("train", iwslt_dir(), max_pairs=2000)
+    preprocessor = TranslationPreprocessor.train(
+        pairs, str(tmp_path), vocab_size=600, max_length=30
+    )
+    batch_pairs = [p for p in pairs if len(p[0]) < 40 and len(p[1]) < 40][:8]
+    dataset = preprocessor.dataset(
+        batch_pairs, batch_size=8, shuffle=False, bucket_boundaries=None
+    )
+    model = build_translator(
+        preprocessor.source_vocabulary_size,
+        preprocessor.target_vocabulary_size,
+        embedding_dim=32,
+        units=64,
+    )
+    metrics.compile_translator(model, learning_rate=0.02)
+    history = model.fit(dataset, epochs=120, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.2 * losses[0]
+    translations = evaluation.translate(
+        model, preprocessor, [p[0] for p in batch_pairs]
+    )
+    assert isinstance(translations, list) and len(translations) == 8
+    assert (
+        sum(t == p[1] for t, p in zip(translations, batch_pairs, strict=True))
+        >= 1
+    )
+    assert evaluation.translate(model, preprocessor, []) == []
+    # Beam search, and a compiled decoder, agree on what was learned.
+    decoder = decoding.compiled_decoder(model, 2, preprocessor.max_length)
+    beam = evaluation.translate(
+        model, preprocessor, [p[0] for p in batch_pairs], 2, decoder
+    )
+    assert sum(t == p[1] for t, p in zip(beam, batch_pairs, strict=True)) >= 1
+
+
+def test_corpus_scores_with_sacrebleu():
+    references = ["Das ist ein kleiner Test.", "Guten Morgen, Welt!"]
+    perfect = evaluation.corpus_scores(references, references)
+    assert perfect["bleu"] == pytest.approx(100.0)
+    assert perfect["chrf"] == pytest.approx(100.0)
+    partial = evaluation.corpus_scores(
+        ["Das ist ein Test.", "Morgen"], references
+    )
+    assert 0 < partial["bleu"] < 100 and 0 < partial["chrf"] < 100
+    with pytest.raises(ValueError, match="2 `references`"):
+        evaluation.corpus_scores(["a"], references)

@@ -1,0 +1,55 @@
+"""Tests for the masked loss and metrics."""
+
+import numpy as np
+from conftest import to_numpy
+from translators import TGT_VOCAB
+
+from keras_rnn_lora.translation import metrics
+
+
+def test_perplexity_and_accuracy_match_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 5, TGT_VOCAB)).astype("float32")
+    targets = rng.integers(1, TGT_VOCAB, (2, 5)).astype("int32")
+    targets[0, 3:] = 0
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    token_nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    mask = targets != 0
+    expected_ce = token_nll[mask].mean()
+    perplexity = metrics.MaskedPerplexity()
+    # Two updates of uneven size: the corpus value, not a mean of batches.
+    perplexity.update_state(targets[:1], logits[:1])
+    perplexity.update_state(targets[1:], logits[1:])
+    np.testing.assert_allclose(
+        float(to_numpy(perplexity.result())), np.exp(expected_ce), rtol=1e-5
+    )
+    loss = metrics.MaskedSparseCrossEntropy()
+    np.testing.assert_allclose(
+        float(to_numpy(loss(targets, logits))), expected_ce, rtol=1e-5
+    )
+    accuracy = metrics.MaskedAccuracy()
+    accuracy.update_state(targets, logits)
+    expected_acc = (logits.argmax(-1) == targets)[mask].mean()
+    np.testing.assert_allclose(float(to_numpy(accuracy.result())), expected_acc)
+
+
+def test_sample_weight_weighs_tokens_and_sentences():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 4, TGT_VOCAB)).astype("float32")
+    targets = rng.integers(1, TGT_VOCAB, (2, 4)).astype("int32")
+    targets[1, 2:] = 0
+    sentence_weight = np.array([0.0, 1.0], "float32")
+    weighted = metrics.MaskedPerplexity()
+    weighted.update_state(targets, logits, sample_weight=sentence_weight)
+    only_second = metrics.MaskedPerplexity()
+    only_second.update_state(targets[1:], logits[1:])
+    np.testing.assert_allclose(
+        to_numpy(weighted.result()), to_numpy(only_second.result()), rtol=1e-6
+    )
+    token_weight = np.ones((2, 4), "float32")
+    token_weight[0, 1:] = 0.0
+    accuracy = metrics.MaskedAccuracy()
+    accuracy.update_state(targets, logits, sample_weight=token_weight)
+    kept = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], bool)
+    expected = (logits.argmax(-1) == targets)[kept].mean()
+    np.testing.assert_allclose(to_numpy(accuracy.result()), expected, rtol=1e-6)

@@ -12,6 +12,9 @@ from keras_rnn_lora.cells import LoRALSTMCell
 from keras_rnn_lora.cells import LoRASimpleRNNCell
 from keras_rnn_lora.convert import enable_lora
 from keras_rnn_lora.convert import to_base_model
+from keras_rnn_lora.keras_lora import LoRADense
+from keras_rnn_lora.keras_lora import LoRAEinsumDense
+from keras_rnn_lora.keras_lora import LoRAEmbedding
 from keras_rnn_lora.layers import LoRAGRU
 from keras_rnn_lora.layers import LoRALSTM
 from keras_rnn_lora.layers import LoRASimpleRNN
@@ -31,6 +34,9 @@ __version__ = "0.2.0"
 
 __all__ = [
     "LoRAConfig",
+    "LoRADense",
+    "LoRAEinsumDense",
+    "LoRAEmbedding",
     "LoRAGRU",
     "LoRAGRUCell",
     "LoRALSTM",

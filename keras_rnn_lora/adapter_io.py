@@ -53,8 +53,8 @@ def _adapter_attributes(adapter):
     return {
         "class_name": type(adapter).__name__,
         "rank": adapter.rank,
-        "lora_alpha": adapter.lora_alpha,
-        "use_rslora": adapter.use_rslora,
+        "lora_alpha": adapter.lora_config.lora_alpha,
+        "use_rslora": adapter.lora_config.use_rslora,
         "lora_targets": ",".join(adapter.lora_targets),
         "base_fingerprint": base_fingerprint(adapter),
     }
@@ -282,11 +282,12 @@ def _check_header(layer_path, adapter, header, path, strict):
                 f"{key}={attributes[key]!r} but the model's layer "
                 f"has {key}={expected[key]!r}."
             )
-    if not np.isclose(float(attributes["lora_alpha"]), adapter.lora_alpha):
+    alpha = adapter.lora_config.lora_alpha
+    if not np.isclose(float(attributes["lora_alpha"]), alpha):
         raise ValueError(
             f"Layer '{layer_path}': the adapter file {path!r} has "
             f"lora_alpha={float(attributes['lora_alpha'])} but the model's "
-            f"layer has lora_alpha={adapter.lora_alpha}."
+            f"layer has lora_alpha={alpha}."
         )
     weights = {w.name: w for w in adapter.lora_weights}
     unexpected = sorted(set(header.datasets) - set(weights)) + header.other

@@ -87,7 +87,9 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
             lora_alpha=lora_alpha,
             use_rslora=use_rslora,
             lora_dropout=lora_dropout,
-            lora_targets=lora_targets,
+            lora_targets=lora.validate_lora_targets(
+                lora_targets, lora.CELL_TARGETS
+            ),
             lora_a_initializer=lora_a_initializer,
             lora_b_initializer=lora_b_initializer,
         )

@@ -24,6 +24,8 @@ import keras
 
 from keras_rnn_lora import lora
 from keras_rnn_lora.cells import LORA_CELLS
+from keras_rnn_lora.keras_lora import KERAS_LORA_LAYERS
+from keras_rnn_lora.keras_lora import LORA_LAYER_FOR_TARGET
 from keras_rnn_lora.layers import LORA_LAYERS
 from keras_rnn_lora.walk import check_model
 from keras_rnn_lora.walk import iter_layers
@@ -35,6 +37,12 @@ _LORA_LAYER_FOR = {cls._keras_layer.__name__: cls for cls in LORA_LAYERS}
 _STOCK_FOR = {
     **{cls.__name__: cls._keras_cell for cls in LORA_CELLS},
     **{cls.__name__: cls._keras_layer for cls in LORA_LAYERS},
+    **{cls.__name__: cls._keras_layer for cls in KERAS_LORA_LAYERS},
+}
+# Keras class name -> (model-wide target, its LoRA twin).
+_KERAS_LORA_FOR = {
+    cls._keras_layer.__name__: (target, cls)
+    for target, cls in LORA_LAYER_FOR_TARGET.items()
 }
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -98,11 +106,50 @@ def _lora_recurrent_layer(node, lora_args):
     return _serialized(layer, node), True
 
 
-class _Conversion:
-    """One walk over a serialized model, converting the selected layers."""
+def _lora_keras_layer(node, lora_cls, keras_args):
+    """A serialized Keras `Dense`/`EinsumDense`/`Embedding` as its LoRA twin,
+    which enables Keras' own LoRA on it."""
+    stock = _from_config(node)
+    if stock.get_config().get("lora_rank"):
+        raise ValueError(
+            f"Layer '{stock.name}' already has Keras' own LoRA enabled "
+            "(`lora_rank`); convert a model without it."
+        )
+    try:
+        layer = lora_cls.from_config({**stock.get_config(), **keras_args})
+    except ValueError as error:
+        raise ValueError(f"Layer '{stock.name}': {error}") from None
+    return _serialized(layer, node)
 
-    def __init__(self, lora_args, wanted):
-        self.lora_args = lora_args
+
+class _Conversion:
+    """One walk over a serialized model, converting the selected layers:
+    recurrent layers for the cell targets ("recurrent", "kernel"), Keras'
+    Dense/EinsumDense/Embedding for theirs."""
+
+    def __init__(self, settings, wanted):
+        cell_targets = [
+            t for t in settings.lora_targets if t in lora.CELL_TARGETS
+        ]
+        self.cell_args = (
+            {**settings.to_dict(), "lora_targets": cell_targets}
+            if cell_targets
+            else None
+        )
+        keras_args = settings.to_dict()
+        del keras_args["lora_targets"]
+        self.keras_args = keras_args
+        self.layer_targets = set(settings.lora_targets) & set(
+            lora.LAYER_TARGETS
+        )
+        if self.layer_targets and settings.lora_dropout:
+            raise ValueError(
+                "Received an invalid value for `lora_dropout`, expected 0 "
+                f"with `lora_targets` {sorted(self.layer_targets)}: Keras' "
+                "own LoRA on Dense/EinsumDense/Embedding has no dropout (LoRA "
+                "dropout applies to the recurrent adapters). Received: "
+                f"lora_dropout={settings.lora_dropout}"
+            )
         self.wanted = wanted  # layer names to convert below; None: all
         self.seen = set()  # every layer name met, to report unknown ones
         self.converted = 0
@@ -118,10 +165,18 @@ class _Conversion:
             self.seen.add(name)
             selected = selected or self.wanted is None or name in self.wanted
         recurrent = set(_LORA_LAYER_FOR) | {"RNN"}
-        if selected and _is_keras_class(node, recurrent):
-            node, converted = _lora_recurrent_layer(node, self.lora_args)
+        if selected and self.cell_args and _is_keras_class(node, recurrent):
+            node, converted = _lora_recurrent_layer(node, self.cell_args)
             self.converted += converted
             return node
+        target, lora_cls = _KERAS_LORA_FOR.get(node.get("class_name"), (0, 0))
+        if (
+            selected
+            and target in self.layer_targets
+            and _is_keras_class(node, {node.get("class_name")})
+        ):
+            self.converted += 1
+            return _lora_keras_layer(node, lora_cls, self.keras_args)
         return {key: self.walk(value, selected) for key, value in node.items()}
 
 
@@ -181,9 +236,11 @@ def enable_lora(
     base_dtype=None,
     **lora_kwargs,
 ):
-    """Returns a copy of `model` whose recurrent layers run LoRA cells.
+    """Returns a copy of `model` with LoRA adapters on the layers targeted.
 
-    Every `keras.layers.SimpleRNN`, `GRU` and `LSTM` becomes `LoRASimpleRNN`,
+    By default (`lora_targets=("recurrent",)`, the paper's method) every
+    recurrent layer gets an adapter on its hidden-state kernel: every
+    `keras.layers.SimpleRNN`, `GRU` and `LSTM` becomes `LoRASimpleRNN`,
     `LoRAGRU` and `LoRALSTM`, and every `keras.layers.RNN` over a stock cell
     or `StackedRNNCells` runs the matching LoRA cell (also inside
     `Bidirectional`, nested functional or Sequential models, and models such
@@ -191,7 +248,11 @@ def enable_lora(
     trained weights. Until the adapters train, the new model's outputs
     equal `model`'s. `model` is left unchanged; calling this twice gives two
     independent LoRA models. Recurrent layers that already carry LoRA are
-    kept as they are.
+    kept as they are. `lora_targets` also takes `"kernel"` (the recurrent
+    layers' input kernels) and, through Keras' own LoRA, `"dense"`,
+    `"einsum_dense"` and `"embedding"`: every such Keras layer becomes
+    `LoRADense`, `LoRAEinsumDense` or `LoRAEmbedding`. `layers=` narrows any
+    of these to layers by name.
 
     Args:
         model: a built functional or Sequential `keras.Model` (subclassed
@@ -226,7 +287,7 @@ def enable_lora(
     wanted = None
     if layers is not None:
         wanted = {layers} if isinstance(layers, str) else set(layers)
-    conversion = _Conversion(settings.to_dict(), wanted)
+    conversion = _Conversion(settings, wanted)
     new_config = conversion.walk(keras.saving.serialize_keras_object(model))
     if wanted is not None and wanted - conversion.seen:
         raise ValueError(
@@ -235,7 +296,7 @@ def enable_lora(
             f"Its layers: {[layer.name for layer in model.layers]}"
         )
     if conversion.converted == 0:
-        raise _nothing_converted(model, wanted)
+        raise _nothing_converted(model, wanted, settings.lora_targets)
     if policy is not None:
         new_config = _with_dtype(new_config, policy)
     lora_model = keras.saving.deserialize_keras_object(new_config)
@@ -244,7 +305,7 @@ def enable_lora(
     return lora_model
 
 
-def _nothing_converted(model, wanted):
+def _nothing_converted(model, wanted, targets):
     already = lora_adapters(model)
     recurrent = any(
         isinstance(layer, keras.layers.RNN) for _, layer in iter_layers(model)
@@ -264,6 +325,7 @@ def _nothing_converted(model, wanted):
         f"it already carries LoRA in {sorted(already)}"
         if already
         else "it has no SimpleRNN, GRU, LSTM or RNN layer over a stock cell"
+        + ("" if targets == ("recurrent",) else f" or layer for {targets}")
     )
     where = "" if wanted is None else f" under {wanted}"
     return ValueError(

@@ -14,8 +14,12 @@ import numpy as np
 from keras import initializers
 from keras import ops
 
-#: Kernels a recurrent adapter can target, by their short name.
-LORA_TARGETS = ("kernel", "recurrent")
+#: What an adapter can target: the input and recurrent kernels of the
+#: recurrent cells, and (model-wide, through Keras' own LoRA) the kernels of
+#: `Dense` and `EinsumDense` layers and the table of `Embedding` layers.
+CELL_TARGETS = ("kernel", "recurrent")
+LAYER_TARGETS = ("dense", "einsum_dense", "embedding")
+LORA_TARGETS = (*CELL_TARGETS, *LAYER_TARGETS)
 
 #: The Keras attribute (and weight name) of the kernel behind each target.
 KERNEL_ATTRIBUTES = {"kernel": "kernel", "recurrent": "recurrent_kernel"}
@@ -71,10 +75,10 @@ def validate_use_rslora(use_rslora):
     return use_rslora
 
 
-def validate_lora_targets(lora_targets):
+def validate_lora_targets(lora_targets, allowed=LORA_TARGETS):
     """Returns `lora_targets` as a tuple in canonical order.
 
-    Accepts a single name or a sequence drawn from `LORA_TARGETS`.
+    Accepts a single name or a sequence drawn from `allowed`.
     """
     if isinstance(lora_targets, str):
         lora_targets = (lora_targets,)
@@ -84,15 +88,15 @@ def validate_lora_targets(lora_targets):
         targets = None
     if (
         not targets
-        or any(t not in LORA_TARGETS for t in targets)
+        or any(t not in allowed for t in targets)
         or len(set(targets)) != len(targets)
     ):
         raise _invalid(
             "lora_targets",
-            f"a non-empty sequence of distinct names from {LORA_TARGETS}",
+            f"a non-empty sequence of distinct names from {allowed}",
             lora_targets,
         )
-    return tuple(t for t in LORA_TARGETS if t in targets)
+    return tuple(t for t in allowed if t in targets)
 
 
 def validate_initializer(name, value):
@@ -117,8 +121,11 @@ class LoRAConfig:
             `True`: by `lora_alpha / sqrt(rank)` (rank-stabilised LoRA).
         lora_dropout: float in `[0, 1)`, default 0. Dropout on the input of
             the LoRA branch, in training only (recurrent adapters).
-        lora_targets: which kernels of a recurrent cell get a LoRA update,
-            from `("kernel", "recurrent")`. Default `("recurrent",)`.
+        lora_targets: what gets a LoRA update: `"recurrent"` (the
+            hidden-state kernels, the default and the paper's method) and
+            `"kernel"` (the input kernels) of recurrent cells; model-wide
+            also `"dense"`, `"einsum_dense"` and `"embedding"` layers.
+            Default `("recurrent",)`.
         lora_a_initializer: initializer of the `A` factors. Default
             `"he_uniform"`.
         lora_b_initializer: initializer of the `B` factors. Default

@@ -471,3 +471,38 @@ def test_export_traces_without_the_fused_kernels(
         LOAD_AND_TRANSLATE, path, json.dumps(SENTENCES), cwd=tmp_path
     )
     assert json.loads(stdout.split("RESULT", 1)[1]) == expected
+
+
+def test_export_of_a_translator_with_adapters_on_every_layer(
+    tokenizer_dir, tmp_path
+):
+    """Recurrent, Dense and Embedding adapters all merge into the served
+    graph, which still needs nothing of this library."""
+    preprocessor = TranslationPreprocessor.load(tokenizer_dir)
+    model = build_translator(
+        preprocessor.source_vocabulary_size,
+        preprocessor.target_vocabulary_size,
+        embedding_dim=16,
+        units=32,
+    )
+    model = keras_rnn_lora.enable_lora(
+        model,
+        rank=2,
+        lora_targets=("recurrent", "kernel", "dense", "embedding"),
+    )
+    adapters = keras_rnn_lora.walk.lora_adapters(model)
+    assert {type(a).__name__ for a in adapters.values()} == {
+        "LoRAGRUCell",
+        "LoRADense",
+        "LoRAEmbedding",
+    }
+    rng = np.random.default_rng(1)
+    for adapter in adapters.values():
+        for w in adapter.lora_weights:
+            w.assign(rng.normal(size=w.shape).astype("float32") * 0.3)
+    path = export.export_translator(model, preprocessor, tmp_path)
+    expected = evaluation.translate(model, preprocessor, SENTENCES)
+    stdout = run_python(
+        LOAD_AND_TRANSLATE, path, json.dumps(SENTENCES), cwd=tmp_path
+    )
+    assert json.loads(stdout.split("RESULT", 1)[1]) == expected

@@ -1,0 +1,249 @@
+"""LoRA on Keras' `Dense`, `EinsumDense` and `Embedding`, through Keras'
+own LoRA.
+
+Keras 3 already puts LoRA on these layers: `layer.enable_lora(rank)`
+creates the float32 factors (`lora_kernel_a/_b`, `lora_embeddings_a/_b`),
+freezes the kernel and adds `lora_alpha / rank * A @ B` in the forward
+pass. `LoRADense`, `LoRAEinsumDense` and `LoRAEmbedding` subclass the Keras
+layers and call exactly that: the factors are Keras' own variables and no
+second copy is ever held. What they add is the adapter interface every LoRA
+layer of this library shares (`merging.MergeableLoRA`: merge, exact unmerge,
+adapter files, `to_base_model`), and where Keras' own behaviour gets in the
+way it is handled here, in one place:
+
+- Saving: Keras folds the delta into the kernel when a model is saved and
+  zeroes the factors when it is loaded, so the adapter is baked into the
+  base for good, and it has no unmerge. These layers save and load through
+  `MergeableLoRA`'s store format instead (the stock weights by position, the
+  factors by name, the merge state), so a saved adapter stays an adapter.
+- Merging: merged, the forward pass reads the merged kernel as it is
+  instead of adding the delta again.
+- Scale: Keras scales by `lora_alpha / rank`; rsLoRA's `alpha / sqrt(rank)`
+  is handed to Keras as the alpha `alpha * sqrt(rank)`. `lora_config` holds
+  the settings as given.
+- Not supported by Keras' LoRA, so refused rather than ignored: LoRA
+  dropout, quantized layers and kernel constraints. Keras regularizes the
+  factors with the kernel's regularizer itself (not `W + s*A@B`, as the
+  recurrent cells do).
+"""
+
+import math
+
+import keras
+from keras import initializers
+from keras import ops
+
+from keras_rnn_lora import lora
+from keras_rnn_lora.merging import MergeableLoRA
+
+
+class _KerasLoRAMixin(MergeableLoRA):
+    """The adapter interface on top of a Keras layer's own LoRA."""
+
+    _keras_layer = None
+    _weight = "_kernel"  # the Keras attribute of the frozen weight
+    _factors = ("lora_kernel_a", "lora_kernel_b")  # Keras' factor names
+
+    def _lora_init(self, rank, kwargs):
+        """Takes the LoRA arguments out of `kwargs`, validated, and returns
+        the Keras ones."""
+        merged = kwargs.pop("lora_merged", False)
+        settings = {
+            key: kwargs.pop(key)
+            for key in lora.LORA_CONFIG_KEYS
+            if key in kwargs and key not in ("rank", "lora_merged")
+        }
+        targets = lora.validate_lora_targets(
+            settings.pop("lora_targets", "kernel"), ("kernel",)
+        )
+        if kwargs.pop("lora_rank", None):
+            raise ValueError(
+                f"{type(self).__name__} enables Keras' LoRA itself: pass "
+                "`rank`, not Keras' `lora_rank`."
+            )
+        self.lora_config = lora.LoRAConfig(
+            rank=rank, lora_targets=targets, **settings
+        )
+        if self.lora_config.lora_dropout:
+            raise ValueError(
+                "Received an invalid value for `lora_dropout`, expected 0: "
+                f"Keras' LoRA on {self._keras_layer.__name__} has no dropout "
+                "(LoRA dropout applies to the recurrent adapters). Received: "
+                f"lora_dropout={self.lora_config.lora_dropout}"
+            )
+        self._lora_merged_at_init = merged
+        return kwargs
+
+    def _lora_attributes(self):
+        config = self.lora_config
+        self.rank = config.rank
+        self.use_rslora = config.use_rslora
+        self.lora_dropout = config.lora_dropout
+        self.lora_targets = config.lora_targets
+        self.lora_a_initializer = initializers.get(config.lora_a_initializer)
+        self.lora_b_initializer = initializers.get(config.lora_b_initializer)
+        self.scaling = config.scaling
+        self._init_merge_state(self._lora_merged_at_init)
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        if self.quantization_mode:
+            raise ValueError(
+                f"'{self.name}' is quantized ({self.quantization_mode}); "
+                "LoRA adapters of this library need a float kernel."
+            )
+        config = self.lora_config
+        keras_alpha = config.lora_alpha * (
+            math.sqrt(config.rank) if config.use_rslora else 1.0
+        )
+        self.enable_lora(
+            config.rank,
+            lora_alpha=keras_alpha,
+            a_initializer=self.lora_a_initializer,
+            b_initializer=self.lora_b_initializer,
+        )
+        if self._lora_merged:
+            self._set_factors_trainable(False)
+
+    def lora_kernel(self, target="kernel"):
+        """The frozen weight the adapter applies to (a variable)."""
+        return getattr(self, self._weight)
+
+    def lora_factors(self, target="kernel"):
+        """The factors `(A, B)`: Keras' own LoRA variables."""
+        return tuple(getattr(self, name) for name in self._factors)
+
+    def effective_kernel(self, target="kernel"):
+        """`W + s*A@B` while an unmerged adapter is active, else `W`."""
+        kernel = self.lora_kernel(target)
+        if self._lora_merged:
+            return kernel
+        return ops.add(kernel, ops.cast(self.delta(target), kernel.dtype))
+
+    def _forward_weight(self, keras_property):
+        """What the forward pass reads: merged, the merged weight as it is;
+        else Keras' own `W + s*A@B`."""
+        if self.built and self._lora_merged:
+            return self.lora_kernel()
+        return keras_property.fget(self)
+
+    def get_config(self):
+        config = super().get_config()
+        # Keras' own LoRA settings: this layer enables LoRA itself.
+        config.pop("lora_rank", None)
+        config.pop("lora_alpha", None)
+        config.update(self.lora_config.to_dict())
+        config["lora_merged"] = self._lora_merged
+        return config
+
+
+_ARGS_DOC = """
+    Args:
+        {args}
+        rank: int, the LoRA rank.
+        lora_alpha, use_rslora, lora_a_initializer, lora_b_initializer,
+        lora_merged: as for `keras_rnn_lora.LoRAConfig` (`lora_targets` is
+            `("kernel",)`; `lora_dropout` must be 0).
+        **kwargs: every other argument of `keras.layers.{layer}`.
+"""
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+class LoRADense(_KerasLoRAMixin, keras.layers.Dense):
+    """`keras.layers.Dense` with Keras' own LoRA on its kernel.
+
+    `y = x @ (W + s * A @ B) + b`, `W` frozen, `A` and `B` Keras' float32
+    factors.
+
+    Example:
+
+    >>> layer = keras_rnn_lora.LoRADense(16, rank=4)
+    >>> layer(np.zeros((2, 8))).shape
+    (2, 16)
+    """
+
+    _keras_layer = keras.layers.Dense
+
+    def __init__(self, units, rank, **kwargs):
+        kwargs = self._lora_init(rank, kwargs)
+        super().__init__(units, **kwargs)
+        self._lora_attributes()
+
+    @property
+    def kernel(self):
+        return self._forward_weight(keras.layers.Dense.kernel)
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+class LoRAEinsumDense(_KerasLoRAMixin, keras.layers.EinsumDense):
+    """`keras.layers.EinsumDense` with Keras' own LoRA on its kernel.
+
+    `A` has the kernel's shape but its last axis (`rank` instead), `B` is
+    `(rank, last axis)`; the update is `s * A @ B`.
+
+    Example:
+
+    >>> layer = keras_rnn_lora.LoRAEinsumDense("ab,bc->ac", 16, rank=4)
+    >>> layer(np.zeros((2, 8))).shape
+    (2, 16)
+    """
+
+    _keras_layer = keras.layers.EinsumDense
+
+    def __init__(self, equation, output_shape, rank, **kwargs):
+        kwargs = self._lora_init(rank, kwargs)
+        super().__init__(equation, output_shape, **kwargs)
+        self._lora_attributes()
+
+    @property
+    def kernel(self):
+        return self._forward_weight(keras.layers.EinsumDense.kernel)
+
+
+@keras.saving.register_keras_serializable(package="keras_rnn_lora")
+class LoRAEmbedding(_KerasLoRAMixin, keras.layers.Embedding):
+    """`keras.layers.Embedding` with Keras' own LoRA on its table.
+
+    The table read is `E + s * A @ B`, `A` of shape `(input_dim, rank)`,
+    `B` `(rank, output_dim)`.
+
+    Example:
+
+    >>> layer = keras_rnn_lora.LoRAEmbedding(100, 16, rank=4)
+    >>> layer(np.zeros((2, 5), "int32")).shape
+    (2, 5, 16)
+    """
+
+    _keras_layer = keras.layers.Embedding
+    _weight = "_embeddings"
+    _factors = ("lora_embeddings_a", "lora_embeddings_b")
+
+    def __init__(self, input_dim, output_dim, rank, **kwargs):
+        kwargs = self._lora_init(rank, kwargs)
+        super().__init__(input_dim, output_dim, **kwargs)
+        self._lora_attributes()
+
+    @property
+    def embeddings(self):
+        return self._forward_weight(keras.layers.Embedding.embeddings)
+
+
+for _cls, _args in (
+    (LoRADense, "units: Positive integer, the output width."),
+    (
+        LoRAEinsumDense,
+        "equation, output_shape: as for `keras.layers.EinsumDense`.",
+    ),
+    (LoRAEmbedding, "input_dim, output_dim: the table's shape."),
+):
+    _cls.__doc__ += _ARGS_DOC.format(
+        args=_args, layer=_cls._keras_layer.__name__
+    )
+
+KERAS_LORA_LAYERS = (LoRADense, LoRAEinsumDense, LoRAEmbedding)
+#: Model-wide `lora_targets` name -> the LoRA twin of a Keras layer class.
+LORA_LAYER_FOR_TARGET = {
+    "dense": LoRADense,
+    "einsum_dense": LoRAEinsumDense,
+    "embedding": LoRAEmbedding,
+}

@@ -82,7 +82,7 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
         **kwargs,
     ):
         super().__init__(units, **kwargs)
-        self.lora_config = lora.LoRAConfig(
+        config = lora.LoRAConfig(
             rank=lora.validate_rank(rank, self.units),
             lora_alpha=lora_alpha,
             use_rslora=use_rslora,
@@ -93,16 +93,8 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
             lora_a_initializer=lora_a_initializer,
             lora_b_initializer=lora_b_initializer,
         )
-        config = self.lora_config
-        self.rank = config.rank
+        self._init_lora(config, lora_merged)
         self.lora_alpha = config.lora_alpha
-        self.use_rslora = config.use_rslora
-        self.lora_dropout = config.lora_dropout
-        self.lora_targets = config.lora_targets
-        self.lora_a_initializer = initializers.get(config.lora_a_initializer)
-        self.lora_b_initializer = initializers.get(config.lora_b_initializer)
-        self.scaling = config.scaling
-        self._init_merge_state(lora_merged)
 
     # -- weights ---------------------------------------------------------
 

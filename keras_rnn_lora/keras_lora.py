@@ -30,7 +30,6 @@ way it is handled here, in one place:
 import math
 
 import keras
-from keras import initializers
 from keras import ops
 
 from keras_rnn_lora import lora
@@ -44,9 +43,10 @@ class _KerasLoRAMixin(MergeableLoRA):
     _weight = "_kernel"  # the Keras attribute of the frozen weight
     _factors = ("lora_kernel_a", "lora_kernel_b")  # Keras' factor names
 
-    def _lora_init(self, rank, kwargs):
-        """Takes the LoRA arguments out of `kwargs`, validated, and returns
-        the Keras ones."""
+    @classmethod
+    def _split_arguments(cls, rank, kwargs):
+        """The LoRA arguments of `kwargs`, validated, as `(config, merged,
+        keras_kwargs)`."""
         merged = kwargs.pop("lora_merged", False)
         settings = {
             key: kwargs.pop(key)
@@ -58,32 +58,18 @@ class _KerasLoRAMixin(MergeableLoRA):
         )
         if kwargs.pop("lora_rank", None):
             raise ValueError(
-                f"{type(self).__name__} enables Keras' LoRA itself: pass "
+                f"{cls.__name__} enables Keras' LoRA itself: pass "
                 "`rank`, not Keras' `lora_rank`."
             )
-        self.lora_config = lora.LoRAConfig(
-            rank=rank, lora_targets=targets, **settings
-        )
-        if self.lora_config.lora_dropout:
+        config = lora.LoRAConfig(rank=rank, lora_targets=targets, **settings)
+        if config.lora_dropout:
             raise ValueError(
                 "Received an invalid value for `lora_dropout`, expected 0: "
-                f"Keras' LoRA on {self._keras_layer.__name__} has no dropout "
+                f"Keras' LoRA on {cls._keras_layer.__name__} has no dropout "
                 "(LoRA dropout applies to the recurrent adapters). Received: "
-                f"lora_dropout={self.lora_config.lora_dropout}"
+                f"lora_dropout={config.lora_dropout}"
             )
-        self._lora_merged_at_init = merged
-        return kwargs
-
-    def _lora_attributes(self):
-        config = self.lora_config
-        self.rank = config.rank
-        self.use_rslora = config.use_rslora
-        self.lora_dropout = config.lora_dropout
-        self.lora_targets = config.lora_targets
-        self.lora_a_initializer = initializers.get(config.lora_a_initializer)
-        self.lora_b_initializer = initializers.get(config.lora_b_initializer)
-        self.scaling = config.scaling
-        self._init_merge_state(self._lora_merged_at_init)
+        return config, merged, kwargs
 
     def build(self, input_shape=None):
         super().build(input_shape)
@@ -165,9 +151,9 @@ class LoRADense(_KerasLoRAMixin, keras.layers.Dense):
     _keras_layer = keras.layers.Dense
 
     def __init__(self, units, rank, **kwargs):
-        kwargs = self._lora_init(rank, kwargs)
+        config, merged, kwargs = self._split_arguments(rank, kwargs)
         super().__init__(units, **kwargs)
-        self._lora_attributes()
+        self._init_lora(config, merged)
 
     @property
     def kernel(self):
@@ -191,9 +177,9 @@ class LoRAEinsumDense(_KerasLoRAMixin, keras.layers.EinsumDense):
     _keras_layer = keras.layers.EinsumDense
 
     def __init__(self, equation, output_shape, rank, **kwargs):
-        kwargs = self._lora_init(rank, kwargs)
+        config, merged, kwargs = self._split_arguments(rank, kwargs)
         super().__init__(equation, output_shape, **kwargs)
-        self._lora_attributes()
+        self._init_lora(config, merged)
 
     @property
     def kernel(self):
@@ -219,9 +205,9 @@ class LoRAEmbedding(_KerasLoRAMixin, keras.layers.Embedding):
     _factors = ("lora_embeddings_a", "lora_embeddings_b")
 
     def __init__(self, input_dim, output_dim, rank, **kwargs):
-        kwargs = self._lora_init(rank, kwargs)
+        config, merged, kwargs = self._split_arguments(rank, kwargs)
         super().__init__(input_dim, output_dim, **kwargs)
-        self._lora_attributes()
+        self._init_lora(config, merged)
 
     @property
     def embeddings(self):

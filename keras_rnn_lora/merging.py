@@ -22,6 +22,7 @@ applying the delta twice or dropping it.
 
 import keras
 import numpy as np
+from keras import initializers
 
 from keras_rnn_lora import lora
 
@@ -33,7 +34,17 @@ class MergeableLoRA:
 
     _lora_noun = "layer"  # what messages call the host
 
-    def _init_merge_state(self, lora_merged):
+    def _init_lora(self, config, lora_merged):
+        """Stores the adapter's `LoRAConfig`, the attributes read from it
+        and the merge state."""
+        self.lora_config = config
+        self.rank = config.rank
+        self.use_rslora = config.use_rslora
+        self.lora_dropout = config.lora_dropout
+        self.lora_targets = config.lora_targets
+        self.lora_a_initializer = initializers.get(config.lora_a_initializer)
+        self.lora_b_initializer = initializers.get(config.lora_b_initializer)
+        self.scaling = config.scaling
         self._lora_merged = bool(lora_merged)
         # Target -> NumPy copy of the kernel before `merge_lora`, so that
         # `unmerge_lora` restores it bit for bit.

@@ -23,12 +23,18 @@ def _token_weights(y_true, sample_weight):
     return weights
 
 
-def _token_losses(y_true, logits, sample_weight=None):
+def _token_losses(y_true, logits, sample_weight=None, label_smoothing=0.0):
+    """Per-token cross-entropy (smoothed when `label_smoothing > 0`: the
+    target gets `1 - e`, every token `e / vocab` more), and the weights."""
     y_true = ops.cast(y_true, "int32")
     weights = _token_weights(y_true, sample_weight)
-    losses = keras.losses.sparse_categorical_crossentropy(
-        y_true, ops.cast(logits, "float32"), from_logits=True
-    )
+    logits = ops.cast(logits, "float32")
+    log_probs = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
+    target = ops.take_along_axis(log_probs, y_true[..., None], axis=-1)
+    losses = -target[..., 0]
+    if label_smoothing:
+        uniform = -ops.mean(log_probs, axis=-1)
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * uniform
     return losses * weights, weights
 
 
@@ -38,14 +44,37 @@ class MaskedSparseCrossEntropy(keras.losses.Loss):
 
     Padding (id 0) in the targets never counts: the sum of per-token losses
     is divided by the number of real tokens in the batch.
+
+    Args:
+        label_smoothing: float in `[0, 1)`, default 0. The training loss
+            spreads this much of each target's probability evenly over the
+            vocabulary; perplexity (`MaskedPerplexity`) stays unsmoothed.
     """
 
-    def __init__(self, name="masked_sparse_cross_entropy", **kwargs):
+    def __init__(
+        self, label_smoothing=0.0, name="masked_sparse_cross_entropy", **kwargs
+    ):
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, (int, float))
+            or not 0 <= label_smoothing < 1
+        ):
+            raise ValueError(
+                "Received an invalid value for `label_smoothing`, expected "
+                "a float in [0, 1). Received: "
+                f"label_smoothing={label_smoothing!r}"
+            )
         super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
 
     def call(self, y_true, y_pred):
-        losses, weights = _token_losses(y_true, y_pred)
+        losses, weights = _token_losses(
+            y_true, y_pred, label_smoothing=self.label_smoothing
+        )
         return ops.sum(losses) / ops.maximum(ops.sum(weights), 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
@@ -91,11 +120,14 @@ class MaskedAccuracy(keras.metrics.Metric):
         return self.correct / ops.maximum(self.tokens, 1.0)
 
 
-def compile_translator(model, learning_rate=1e-3, **compile_kwargs):
-    """Compiles `model` with Adam, the masked loss, accuracy and perplexity."""
+def compile_translator(
+    model, learning_rate=1e-3, label_smoothing=0.0, **compile_kwargs
+):
+    """Compiles `model` with Adam (gradient norm clipped at 1), the masked
+    loss (label-smoothed as given), accuracy and perplexity."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0),
-        loss=MaskedSparseCrossEntropy(),
+        loss=MaskedSparseCrossEntropy(label_smoothing),
         metrics=[MaskedAccuracy(), MaskedPerplexity()],
         **compile_kwargs,
     )

@@ -1,5 +1,6 @@
 """Tests for decoding: greedy and beam search over a step function."""
 
+import keras
 import numpy as np
 import pytest
 from conftest import to_numpy
@@ -61,3 +62,28 @@ def test_compiled_decoder_matches_eager_decoding():
         np.testing.assert_allclose(
             to_numpy(scores), to_numpy(expected_scores), atol=1e-5
         )
+
+
+def test_search_is_generic_over_a_step_function():
+    """A toy step function that knows the answer: greedy and beam search
+    recover it, and beam search finds a path greedy misses."""
+    vocab = 6
+    # From [START], token 4 looks best, but nothing after it is likely (a
+    # uniform row); token 5 is followed by [END] almost surely.
+    table = np.zeros((vocab, vocab), "float32")
+    table[tokens.START_ID] = -9.0
+    table[tokens.START_ID, 4], table[tokens.START_ID, 5] = -0.5, -1.0
+    table[5] = -9.0
+    table[5, tokens.END_ID] = 0.0
+
+    def step_fn(previous, state):
+        return keras.ops.take(
+            keras.ops.convert_to_tensor(table), previous, 0
+        ), {"steps": state["steps"] + 1}
+
+    state = {"steps": keras.ops.zeros((2, 1))}
+    greedy, greedy_scores = decoding.greedy_search(step_fn, state, 2, 4)
+    beam, beam_scores = decoding.beam_search(step_fn, state, 2, 3, 4)
+    assert to_numpy(greedy)[0, 0] == 4
+    assert to_numpy(beam)[0].tolist() == [5, tokens.END_ID, 0, 0]
+    assert (to_numpy(beam_scores) > to_numpy(greedy_scores)).all()

@@ -1,8 +1,11 @@
 """Tests for the masked loss and metrics."""
 
 import numpy as np
+import pytest
 from conftest import to_numpy
 from translators import TGT_VOCAB
+from translators import random_batch
+from translators import tiny_translator
 
 from keras_rnn_lora.translation import metrics
 
@@ -53,3 +56,30 @@ def test_sample_weight_weighs_tokens_and_sentences():
     kept = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], bool)
     expected = (logits.argmax(-1) == targets)[kept].mean()
     np.testing.assert_allclose(to_numpy(accuracy.result()), expected, rtol=1e-6)
+
+
+def test_label_smoothing_in_the_loss_only():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 5, TGT_VOCAB)).astype("float32")
+    targets = rng.integers(1, TGT_VOCAB, (2, 5)).astype("int32")
+    targets[0, 3:] = 0
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    smooth = 0.9 * nll + 0.1 * -log_probs.mean(-1)
+    mask = targets != 0
+    loss = metrics.MaskedSparseCrossEntropy(label_smoothing=0.1)
+    np.testing.assert_allclose(
+        float(to_numpy(loss(targets, logits))), smooth[mask].mean(), rtol=1e-5
+    )
+    assert loss.get_config()["label_smoothing"] == 0.1
+    model = metrics.compile_translator(tiny_translator(), label_smoothing=0.1)
+    src, dec, out = random_batch(9)
+    results = model.evaluate([src, dec], out, verbose=0, return_dict=True)
+    logits = to_numpy(model([src, dec]))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, out[..., None], -1)[..., 0]
+    np.testing.assert_allclose(
+        results["perplexity"], np.exp(nll[out != 0].mean()), rtol=1e-4
+    )
+    with pytest.raises(ValueError, match="`label_smoothing`"):
+        metrics.MaskedSparseCrossEntropy(label_smoothing=1.0)

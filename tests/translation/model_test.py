@@ -208,3 +208,42 @@ def test_lora_translator_takes_the_fused_path_with_the_adapter(
     calls.clear()
     tiny_translator(cell=cell)([src, dec])
     assert calls[cell] == 2
+
+
+def test_dropout_only_in_training_and_checked():
+    model = tiny_translator(dropout=0.3)
+    names = [
+        layer.name
+        for sub in (model.encoder, model.decoder)
+        for layer in sub.layers
+        if isinstance(layer, keras.layers.Dropout)
+    ]
+    assert sorted(names) == [
+        "attention_dropout",
+        "encoder_output_dropout",
+        "source_dropout",
+        "target_dropout",
+    ]
+    src, dec, _ = random_batch(10)
+    inference = to_numpy(model([src, dec]))
+    np.testing.assert_array_equal(to_numpy(model([src, dec])), inference)
+    assert np.abs(to_numpy(model([src, dec], training=True)) - inference).max()
+    with pytest.raises(ValueError, match="`dropout`.*dropout=1.0"):
+        tiny_translator(dropout=1.0)
+
+
+def test_encode_and_decode_step_are_the_model_itself():
+    """The step API runs the same sub-models as training: step by step it
+    gives the full model's logits."""
+    model = tiny_translator(cell="lstm", num_layers=2)
+    src, dec, _ = random_batch(11)
+    full = to_numpy(model([src, dec]))
+    state = model.encode(src)
+    assert set(state) == {"encoder_tokens", "encoder_outputs", "states"}
+    assert len(state["states"]) == 4  # (h, c) for each of two layers
+    for t in range(dec.shape[1]):
+        logits, state = model.decode_step(dec[:, t], state)
+        np.testing.assert_allclose(to_numpy(logits), full[:, t], atol=1e-5)
+    config = model.get_config()
+    clone = type(model).from_config(config)
+    assert [w.shape for w in clone.weights] == [w.shape for w in model.weights]

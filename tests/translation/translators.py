@@ -9,7 +9,8 @@ SRC_VOCAB, TGT_VOCAB = 40, 50
 
 
 def tiny_translator(**kwargs):
-    kwargs = {"embedding_dim": 8, "units": 16, **kwargs}
+    # No dropout: equivalence tests compare training-mode gradients.
+    kwargs = {"embedding_dim": 8, "units": 16, "dropout": 0.0, **kwargs}
     return build_translator(SRC_VOCAB, TGT_VOCAB, **kwargs)
 
 

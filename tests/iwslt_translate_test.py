@@ -12,109 +12,177 @@ import keras
 import pytest
 from conftest import iwslt_dir
 
-SCRIPT = os.path.join(
-    os.path.dirname(__file__), "..", "examples", "iwslt_translate.py"
-)
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+SCRIPT = os.path.join(EXAMPLES, "iwslt_translate.py")
 ARM_FIELDS = {
-    "arm",
-    "backend",
+    "about",
+    "learning_rate",
     "trainable_params",
-    "total_params",
-    "epoch_seconds",
+    "step_time_ratio",
+    "step_seconds",
     "train_seconds",
-    "val_perplexity_curve",
+    "resumed",
     "peak_rss_mb",
     "device_peak_mb",
-    "resumed",
     "val_perplexity",
     "test_perplexity",
-    "heldout_initial_perplexity",
     "test_bleu",
     "test_chrf",
-    "example",
+    "heldout_initial_perplexity",
+    "forgetting_perplexity",
+    "forgetting_bleu",
+    "forgetting_matrix",
+    "sentences",
+    "seeds",
 }
 
 
-def run(args, env=None, timeout=600):
-    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend(), **(env or {}))
+def environment():
+    """A new user's environment: this process' Keras set TensorFlow's log
+    level on import, a shell would not have it."""
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
+
+
+def run(args, timeout=900):
     return subprocess.run(
         [sys.executable, SCRIPT, *args],
-        env=env,
+        env=environment(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
 
 
-def smoke_args(tmp_path, arms):
+def smoke_args(root, arms, *more):
     return [
         "--smoke",
         "--data-dir",
         iwslt_dir(),
         "--output-dir",
-        str(tmp_path / "run"),
+        str(root / "run"),
         "--export-dir",
-        str(tmp_path / "export"),
+        str(root / "export"),
         "--arms",
         arms,
+        *more,
     ]
 
 
-def test_smoke_run_reports_every_field_for_every_arm(tmp_path):
-    out = tmp_path / "run"
-    # Explicit arguments win over what --smoke would set.
-    result = run(
-        [
-            *smoke_args(tmp_path, "full,lora,lora_kernel,lora_bf16,frozen"),
-            "--batch-size",
-            "16",
-            "--heldout-pairs",
-            "30",
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["batch_size"] == 16
-    assert results["heldout_pairs"] == 30
-    assert set(results["arms"]) == {
-        "full",
-        "lora",
-        "lora_kernel",
-        "lora_bf16",
-        "frozen",
-    }
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run shared by the tests below. Explicit arguments
+    (--batch-size, --heldout-pairs) beat --smoke's."""
+    root = tmp_path_factory.mktemp("smoke")
+    arms = "full,lora,lora_bf16,frozen"
+    more = ["--batch-size", "16", "--heldout-pairs", "30"]
+    result = run(smoke_args(root, arms, *more))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((root / "run" / "results.json").read_text())
+    return root, result, results
+
+
+def check_report(root, result, results, arms, seeds):
+    assert results["backend"] == keras.backend.backend()
+    assert set(results["arms"]) == set(arms)
     for arm, fields in results["arms"].items():
         assert ARM_FIELDS <= set(fields), arm
-        assert fields["backend"] == keras.backend.backend()
-        assert fields["test_perplexity"] > 1
+        assert fields["test_perplexity"]["mean"] > 1
+        assert fields["test_perplexity"]["n"] == seeds
+        assert len(fields["forgetting_matrix"]) == 2  # two increments
+        assert set(fields["forgetting_matrix"][0]) == {
+            "initial",
+            "chunk_1",
+            "chunk_2",
+            "validation",
+        }
     arms = results["arms"]
     assert arms["frozen"]["trainable_params"] == 0
     assert (
         0 < arms["lora"]["trainable_params"] < arms["full"]["trainable_params"]
     )
-    assert len(arms["lora"]["epoch_seconds"]) == 2
-    # bfloat16 base, float32 adapters: quality close to the float32 arm.
-    bf16, f32 = arms["lora_bf16"], arms["lora"]
-    assert bf16["trainable_params"] == f32["trainable_params"]
-    assert abs(bf16["test_perplexity"] / f32["test_perplexity"] - 1) < 0.02
+    for method in ("full", "lora"):
+        choice = results["learning_rates"][method]
+        assert choice["chosen"] == arms[method]["learning_rate"]
+        assert len(choice["validation_perplexity"]) >= 2
     assert set(results["reductions"]) == {
         "time_reduction",
         "memory_reduction",
         "trainable_reduction",
         "test_perplexity_change",
     }
-    report = (out / "results.md").read_text()
+    for arm in set(arms) - {"frozen"}:
+        assert arms[arm]["step_time_ratio"]["rounds"] == 2
+        assert arms[arm]["peak_rss_mb"] > 0
+    report = (root / "run" / "results.md").read_text()
     assert "| lora |" in report and "83.7%" in report
+    assert "Forgetting matrices" in report and "*Climate change" in report
     assert report.strip() in result.stdout
-    assert (out / "curves.png").stat().st_size > 10_000
+    for plot in ("curves.png", "forgetting.png"):
+        assert (root / "run" / plot).stat().st_size > 10_000
+    assert os.listdir(root / "export" / "iwslt_en_de") == ["1"]
+
+
+def test_smoke_run_reports_every_field_for_every_arm(smoke_run):
+    root, result, results = smoke_run
+    assert results["settings"]["batch_size"] == 16
+    assert results["data"]["heldout"]["initial"] == 30
+    check_report(
+        root, result, results, ("full", "lora", "lora_bf16", "frozen"), 1
+    )
+    # bfloat16 base, float32 adapters, the same method and rate as `lora`.
+    bf16, f32 = results["arms"]["lora_bf16"], results["arms"]["lora"]
+    assert bf16["learning_rate"] == f32["learning_rate"]
+    ratio = bf16["test_perplexity"]["mean"] / f32["test_perplexity"]["mean"]
+    assert abs(ratio - 1) < 0.05
+
+
+@pytest.mark.large
+def test_every_arm_two_seeds_and_the_ablation(tmp_path):
+    """The whole protocol at smoke size: about 10 minutes on 2 CPU cores."""
+    arms = ("full", "lora", "lora_kernel", "lora_bf16", "frozen")
+    result = run(
+        smoke_args(tmp_path, ",".join(arms), "--seeds", "2", "--ablation"),
+        timeout=3600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    check_report(tmp_path, result, results, arms, 2)
+    assert "±" in (tmp_path / "run" / "results.md").read_text()
+    assert set(results["ablation"]) == {
+        "recurrent",  # at --rank 2, which the rank points do not cover
+        "rank 4",
+        "rank 8",
+        "rank 16",
+        "rank 32",
+        "input+recurrent",
+        "+dense",
+        "+embedding",
+    }
+    assert (tmp_path / "run" / "ablation.png").stat().st_size > 10_000
+
+
+def test_console_shows_progress_not_noise(smoke_run):
+    _, result, _ = smoke_run
+    console = result.stdout + result.stderr
+    assert "== Pre-training" in console and "learning rate" in console
+    for noise in (
+        "cuInit",
+        "absl::InitializeLog",
+        "oneDNN",
+        "ran out of data",
+        "`shuffle=True` was passed",
+        "Skipping variable loading for optimizer",
+    ):
+        assert noise not in console, noise
 
 
 def start(args):
-    """The main job in its own process group, so a kill reaches its arms."""
-    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    """The main job in its own process group, so a kill reaches its jobs."""
     return subprocess.Popen(
         [sys.executable, SCRIPT, *args],
-        env=env,
+        env=environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -122,23 +190,23 @@ def start(args):
     )
 
 
-def kill_after_epoch(args, progress_file, timeout=600):
-    """Starts the main job and SIGKILLs it (and its arm processes) as soon
-    as `progress_file` records a finished epoch."""
+def kill_after_epoch(args, epochs_file, timeout=900):
+    """Starts the main job and SIGKILLs it (and its jobs) as soon as
+    `epochs_file` records a finished epoch."""
     process = start(args)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if progress_file.exists() and json.loads(
-                progress_file.read_text()
-            ).get("seconds"):
+            if epochs_file.exists() and json.loads(epochs_file.read_text()).get(
+                "seconds"
+            ):
                 os.killpg(process.pid, signal.SIGKILL)
                 break
             if process.poll() is not None:
                 pytest.fail(
                     f"finished before the kill:\n{process.stdout.read()}"
                 )
-            time.sleep(0.1)
+            time.sleep(0.05)
         else:
             pytest.fail("no epoch finished in time")
     finally:
@@ -147,62 +215,80 @@ def kill_after_epoch(args, progress_file, timeout=600):
     return output
 
 
-def test_killed_run_resumes_without_losing_work(tmp_path):
+def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
     out = tmp_path / "run"
-    args = smoke_args(tmp_path, "lora")
-    killed = kill_after_epoch(args, out / "progress" / "pretrain.json")
+    args = smoke_args(
+        tmp_path, "lora", "--update-epochs", "2", "--increments", "1"
+    )
+    # Killed during pre-training: it picks up after its finished epoch.
+    killed = kill_after_epoch(args, out / "pretrain" / "epochs.json")
     assert "Epoch 1/2" in killed and not (out / "pretrained.keras").exists()
+    # Killed during an arm's fit (a learning-rate trial on the first chunk).
+    trial = out / "learning_rates" / "lora"
+    process = start(args)
+    deadline = time.monotonic() + 900
+    killed_trial = None
+    while killed_trial is None and time.monotonic() < deadline:
+        for epochs in trial.glob("*/epochs.json") if trial.exists() else []:
+            if json.loads(epochs.read_text()).get("seconds"):
+                os.killpg(process.pid, signal.SIGKILL)
+                killed_trial = epochs.parent
+        time.sleep(0.05)
+    resumed_output = process.communicate()[0]
+    assert killed_trial is not None, resumed_output[-3000:]
+    assert "Epoch 2/2" in resumed_output.split("== lora")[0]  # pre-training
     resumed = run(args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Pre-training picked up after its finished first epoch.
-    assert "Epoch 1/2" not in resumed.stdout.split("== Arm")[0]
-    assert "Epoch 2/2" in resumed.stdout
+    assert resumed.returncode == 0, (
+        resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    )
+    results = json.loads((out / "results.json").read_text())
+    for record in (
+        results["pretrained"],
+        json.loads((killed_trial / "fit.json").read_text()),
+    ):
+        # Every epoch's time, the killed process' ones included.
+        assert record["resumed"] and len(record["epoch_seconds"]) == 2
+        assert all(s > 0 for s in record["epoch_seconds"])
+        assert record["train_seconds"] == pytest.approx(
+            sum(record["epoch_seconds"])
+        )
+    assert results["arms"]["lora"]["train_seconds"]["mean"] > 0
+    # A finished run started again reuses everything, the export too.
     again = run(args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Reusing the pre-trained model" in again.stdout
-    assert "Reusing the finished arm lora" in again.stdout
-    # Nothing changed, so nothing new is exported.
+    assert "== " not in again.stdout.split("# IWSLT")[0].replace(
+        "== Timing", ""
+    )
     assert "Reusing the export" in again.stdout
     assert os.listdir(tmp_path / "export" / "iwslt_en_de") == ["1"]
 
 
-def test_arm_killed_mid_training_reports_what_was_measured(tmp_path):
-    out = tmp_path / "run"
-    args = smoke_args(tmp_path, "full,lora")
-    kill_after_epoch(args, out / "progress" / "lora.json")
-    resumed = run(args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    lora = results["arms"]["lora"]
-    assert lora["resumed"] and not results["arms"]["full"]["resumed"]
-    # Both epochs' times, the killed process' one included.
-    assert len(lora["epoch_seconds"]) == 2
-    assert all(s > 0 for s in lora["epoch_seconds"])
-    assert lora["train_seconds"] == pytest.approx(sum(lora["epoch_seconds"]))
-    assert lora["peak_rss_mb"] > 10
-    reductions = results["reductions"]
-    assert reductions["time_reduction"] < 0.9
-    assert reductions["memory_reduction"] < 0.9
-    assert "(resumed)" in (out / "results.md").read_text()
+def load_main():
+    sys.path.insert(0, EXAMPLES)
+    spec = importlib.util.spec_from_file_location("iwslt_main", SCRIPT)
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    return main
 
 
 def test_run_key_follows_the_data_content(tmp_path):
     """Changed data under the same path (same size, same mtime) is a
     different run."""
-    from iwslt2017_test import tiny_release
+    from translation.iwslt2017_test import tiny_release
 
-    spec = importlib.util.spec_from_file_location("iwslt_main", SCRIPT)
-    main = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(main)
+    load_main()
+    from iwslt import settings
+    from iwslt.data import data_fingerprint
+
     folder = tiny_release(tmp_path)
-    _, args = main.parse_args(["--smoke", "--data-dir", str(tmp_path)])
-    before = main.run_key(args)
+    _, args = settings.parse_args(["--smoke", "--data-dir", str(tmp_path)])
+    before = settings.run_key(args, data_fingerprint(args))
     path = folder / "IWSLT17.TED.tst2012.en-de.de.xml"
     stat = path.stat()
     path.write_text(path.read_text().replace("Ja.", "Ne."))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
-    assert main.run_key(args) != before
+    assert settings.run_key(args, data_fingerprint(args)) != before
 
 
 @pytest.mark.parametrize(
@@ -216,14 +302,16 @@ def test_run_key_follows_the_data_content(tmp_path):
         (["--update-epochs", "0"], "--update-epochs must be at least 1"),
         (["--rank", "64", "--units", "32"], "--rank must lie in [1, --units"),
         (["--max-length", "1"], "--max-length must be at least 2"),
-        (["--learning-rate", "nan"], "--learning-rate must be finite"),
-        (["--learning-rate", "inf"], "--learning-rate must be finite"),
-        (["--learning-rate", "-0.1"], "--learning-rate must be finite"),
+        (["--pretrain-learning-rate", "nan"], "must be finite"),
+        (["--pretrain-learning-rate", "-0.1"], "must be finite"),
         (["--vocab-size", "3"], "--vocab-size must be at least 8"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--increments", "0"], "--increments must be at least 1"),
+        (["--dropout", "1.0"], "--dropout must lie in [0, 1)"),
     ],
 )
 def test_bad_arguments_give_one_clear_line(args, message, tmp_path):
-    base = ["--smoke", "--output-dir", str(tmp_path)]
+    base = ["--smoke", "--output-dir", str(tmp_path / "out")]
     if "--data-dir" not in args:
         base += ["--data-dir", str(tmp_path)]
     result = run(
@@ -234,4 +322,4 @@ def test_bad_arguments_give_one_clear_line(args, message, tmp_path):
     assert message in result.stderr
     # Refused before any work: nothing trained, nothing exported.
     assert not (tmp_path / "export").exists()
-    assert not (tmp_path / "pretrained.keras").exists()
+    assert not (tmp_path / "out").exists()

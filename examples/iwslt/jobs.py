@@ -1,0 +1,371 @@
+"""The units of work of the main job, each run in a fresh process.
+
+`run_in_child` starts one with `multiprocessing` (spawn): its memory is
+its own (peak memory is measured per arm), and the parent, which only
+orchestrates and reports, never imports a backend. Every job writes its
+result as JSON under `--output-dir` and finds it there when the run is
+started again, so a killed run resumes where it stopped.
+"""
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+import sys
+
+from iwslt.arms import build_arm
+from iwslt.arms import compile_arm
+from iwslt.arms import fit_chunk
+from iwslt.arms import read_json
+from iwslt.arms import save_weights
+from iwslt.arms import write_json
+from iwslt.data import Split
+from iwslt.data import batches
+from iwslt.data import preprocessor as make_preprocessor
+from iwslt.evaluate import final_scores
+from iwslt.evaluate import forgetting_row
+from iwslt.settings import ARMS
+from iwslt.settings import GRID_EXTENSIONS
+from iwslt.settings import GRID_FACTOR
+
+
+def run_in_child(job, *arguments):
+    """Runs `job(*arguments)` in a fresh spawned process."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_child, args=(job, arguments)
+    )
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(
+            f"The job {job.__name__}{tuple(map(str, arguments[1:]))} failed "
+            f"(exit code {process.exitcode}); its error is above. Start the "
+            "run again to resume from the last finished step."
+        )
+
+
+def _child(job, arguments):
+    from iwslt.quiet import import_backend
+
+    import_backend()
+    job(*arguments)
+
+
+def path(args, *parts):
+    return os.path.join(args.output_dir, *parts)
+
+
+def _setup(args, seed):
+    """Seeds everything, then loads the data and the tokenizers (in this
+    order: on TensorFlow, seeding resets the eager context, which would
+    destroy tokenizers loaded before it)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    split = Split(args)
+    return split, make_preprocessor(args, split)
+
+
+# -- pre-training --------------------------------------------------------------
+
+
+def pretrain(args):
+    """Trains the translator on the initial part until its validation
+    perplexity stops improving (`--patience`), keeps its best epoch, and
+    measures it like every arm."""
+    from keras_rnn_lora.translation.model import build_translator
+
+    split, preprocessor = _setup(args, args.seed)
+    model = build_translator(
+        preprocessor.source_vocabulary_size,
+        preprocessor.target_vocabulary_size,
+        embedding_dim=args.embedding_dim,
+        units=args.units,
+        dropout=args.dropout,
+    )
+    compile_arm(args, model, args.pretrain_learning_rate)
+    print(f"\n== Pre-training on {len(split.initial):,} pairs", flush=True)
+    record = fit_chunk(
+        args,
+        model,
+        batches(args, preprocessor, split.initial, True, args.seed),
+        batches(args, preprocessor, split.validation, False),
+        args.pretrain_epochs,
+        path(args, "pretrain"),
+        patience=args.patience,
+    )
+    record["forgetting_row"] = forgetting_row(args, model, preprocessor, split)
+    record.update(final_scores(args, model, preprocessor, split))
+    _save_model(model, path(args, "pretrained.keras"))
+    write_json(path(args, "pretrain.json"), record)
+
+
+def _save_model(model, target):
+    from keras_rnn_lora import files
+
+    with files.atomic_path(target) as temporary:
+        os.remove(temporary)  # Keras writes the file itself
+        model.save(temporary)
+
+
+# -- choosing learning rates ---------------------------------------------------
+
+
+def _trial_dir(args, method, rate):
+    return path(args, "learning_rates", method, f"{rate:.3g}")
+
+
+def select_learning_rate(args, method):
+    """Tries the method's grid on the first chunk (seed 0) and keeps the
+    rate with the best validation perplexity; extends the grid past an edge
+    that wins (see `settings.LEARNING_RATE_GRIDS`)."""
+    choice_path = path(args, "learning_rates", method, "choice.json")
+    if os.path.exists(choice_path):
+        return
+    tried = {}
+    grid = list(args.grids[method])
+    extensions = 0
+    while True:
+        for rate in grid:
+            if rate not in tried:
+                tried[rate] = _chunk_fit(args, method, 0, 1, rate)["best"]
+        best = min(tried, key=tried.get)
+        lowest, highest = min(tried), max(tried)
+        if extensions >= GRID_EXTENSIONS or best not in (lowest, highest):
+            break
+        extensions += 1
+        grid.append(
+            best / GRID_FACTOR if best == lowest else best * GRID_FACTOR
+        )
+    for rate in tried:  # the chosen trial is seed 0's first chunk: kept
+        if rate != best:
+            _drop_weights(_trial_dir(args, method, rate))
+    write_json(
+        choice_path,
+        {
+            "chosen": best,
+            "validation_perplexity": {f"{r:.3g}": v for r, v in tried.items()},
+            "grid": list(args.grids[method]),
+            "extensions": extensions,
+        },
+    )
+    print(
+        f"[{method}] learning rate {best:.3g} chosen from "
+        + ", ".join(f"{r:.3g}: {v:.2f}" for r, v in sorted(tried.items())),
+        flush=True,
+    )
+
+
+def chosen_rate(args, arm):
+    method = ARMS[arm]["method"]
+    return read_json(path(args, "learning_rates", method, "choice.json"))[
+        "chosen"
+    ]
+
+
+def _chunk_fit(args, arm, seed_index, chunk, rate, start_weights=None):
+    """One arm learning one chunk from `start_weights` (default: the
+    pre-trained model); resumable. Seed 0's first chunk is the learning-rate
+    trial of the chosen rate itself. Returns the fit's record and the
+    model, ending on its best epoch."""
+    if seed_index == 0 and chunk == 1 and ARMS[arm]["method"] == arm:
+        directory = _trial_dir(args, arm, rate)
+    else:
+        directory = path(args, "seeds", str(seed_index), arm, f"chunk_{chunk}")
+    split, preprocessor = _setup(args, args.seed + 1000 * seed_index + chunk)
+    model = build_arm(args, arm, path(args, "pretrained.keras"))
+    if start_weights:
+        model.load_weights(start_weights)
+    record = read_json(os.path.join(directory, "fit.json"))
+    if record is not None:  # learned before: its best epoch
+        model.load_weights(os.path.join(directory, "best.weights.h5"))
+    compile_arm(args, model, rate)
+    record_path = os.path.join(directory, "fit.json")
+    if record is None:
+        print(
+            f"\n== {arm}, seed {seed_index}, chunk {chunk}: learning "
+            f"{len(split.chunks[chunk - 1]):,} new pairs at rate {rate:.3g}",
+            flush=True,
+        )
+        record = fit_chunk(
+            args,
+            model,
+            batches(
+                args,
+                preprocessor,
+                split.chunks[chunk - 1],
+                True,
+                args.seed + 1000 * seed_index + chunk,
+            ),
+            batches(args, preprocessor, split.validation, False),
+            args.update_epochs,
+            directory,
+        )
+        record["best"] = record["best_val_perplexity"]
+        write_json(record_path, record)
+    return {
+        **record,
+        "model": model,
+        "split": split,
+        "preprocessor": preprocessor,
+        "directory": directory,
+    }
+
+
+def _drop_weights(directory):
+    """Frees the disk a finished fit's checkpoints hold (its record stays)."""
+    shutil.rmtree(os.path.join(directory, "backup"), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(directory, "best.weights.h5"))
+
+
+# -- the incremental phase -----------------------------------------------------
+
+# In a fit's result, not its record.
+_LIVE = ("model", "split", "preprocessor", "directory")
+
+
+def run_arm(args, arm, seed_index):
+    """One arm, one seed: every chunk in turn (LoRA arms merge their adapter
+    into the base after each, `merge_lora(reset=True)`, and start a fresh
+    one), the forgetting matrix row after each, the final scores."""
+    import keras_rnn_lora
+
+    directory = path(args, "seeds", str(seed_index), arm)
+    result_path = os.path.join(directory, "result.json")
+    if os.path.exists(result_path):
+        return
+    if arm == "frozen":
+        return _frozen(args, directory, result_path)
+    rate = chosen_rate(args, arm)
+    chunks, start, fit = [], None, None
+    for chunk in range(1, args.increments + 1):
+        done_path = os.path.join(directory, f"chunk_{chunk}.json")
+        after = os.path.join(directory, f"after_chunk_{chunk}.weights.h5")
+        if os.path.exists(done_path):
+            chunks.append(read_json(done_path))
+            start = after
+            continue
+        fit = _chunk_fit(args, arm, seed_index, chunk, rate, start)
+        model = fit["model"]
+        row = forgetting_row(args, model, fit["preprocessor"], fit["split"])
+        if "targets" in ARMS[arm]:
+            keras_rnn_lora.merge_lora(model, reset=True)
+        save_weights(model, after)
+        record = {k: fit[k] for k in fit if k not in _LIVE}
+        record["forgetting_row"] = row
+        write_json(done_path, record)
+        _drop_weights(fit["directory"])  # the state after the chunk is kept
+        chunks.append(record)
+        start = after
+    if fit is None:  # every chunk was done before a restart: reload
+        split, preprocessor = _setup(args, args.seed + 1000 * seed_index)
+        model = build_arm(args, arm, path(args, "pretrained.keras"))
+        model.load_weights(start)  # before compiling: no optimizer state
+        compile_arm(args, model, rate)
+    else:
+        split, preprocessor = fit["split"], fit["preprocessor"]
+    scores = final_scores(args, model, preprocessor, split)
+    lora_arm = "targets" in ARMS[arm]
+    if seed_index == 0:  # the model the export serves (merged once, here)
+        base = keras_rnn_lora.to_base_model(model) if lora_arm else model
+        _save_model(base, os.path.join(directory, "final.keras"))
+    # Trainable while learning a chunk: the adapter (after the last chunk it
+    # is merged and a fresh one waits), or every weight.
+    trainable = (
+        keras_rnn_lora.lora_summary(model, print_fn=None)["lora"]
+        if lora_arm
+        else _size(model.trainable_weights)
+    )
+    write_json(
+        result_path,
+        {
+            "arm": arm,
+            "seed": seed_index,
+            "learning_rate": rate,
+            "trainable_params": trainable,
+            "total_params": _size(model.weights),
+            "chunks": chunks,
+            **scores,
+        },
+    )
+
+
+def _size(weights):
+    import numpy as np
+
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def _frozen(args, directory, result_path):
+    """The frozen arm learns nothing: every row is the pre-trained model's."""
+    pretrained = read_json(path(args, "pretrain.json"))
+    write_json(
+        result_path,
+        {
+            "arm": "frozen",
+            "learning_rate": None,
+            "trainable_params": 0,
+            "chunks": [
+                {"forgetting_row": pretrained["forgetting_row"]}
+                for _ in range(args.increments)
+            ],
+            **{
+                key: pretrained[key]
+                for key in (
+                    "test_perplexity",
+                    "test_bleu",
+                    "test_chrf",
+                    "heldout_initial_bleu",
+                    "sentences",
+                )
+            },
+        },
+    )
+
+
+# -- export -------------------------------------------------------------------
+
+
+def export(args, arm):
+    """Exports seed 0's final model of `arm` (merged when it was saved) for
+    TensorFlow Serving; a run started again exports only if that model or
+    the tokenizers changed, and otherwise names the version it wrote."""
+    import hashlib
+
+    import keras
+
+    from keras_rnn_lora.translation.export import export_translator
+    from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
+
+    model_path = path(args, "seeds", "0", arm, "final.keras")
+    preprocessor_dir = path(args, "preprocessor")
+    digest = hashlib.sha256(arm.encode())
+    for name in sorted(os.listdir(preprocessor_dir)) + [model_path]:
+        with open(os.path.join(preprocessor_dir, name), "rb") as file:
+            digest.update(file.read())
+    record_path = path(args, "export.json")
+    record = read_json(record_path)
+    if record and record["fingerprint"] == digest.hexdigest():
+        if os.path.isdir(record["path"]):
+            print(f"Reusing the export {record['path']} (nothing changed)")
+            return
+    model = keras.saving.load_model(model_path, compile=False)
+    preprocessor = TranslationPreprocessor.load(preprocessor_dir)
+    target = export_translator(model, preprocessor, args.export_dir)
+    print(f"Exported {arm} (merged) to {target}", flush=True)
+    write_json(
+        record_path,
+        {"fingerprint": digest.hexdigest(), "path": target, "arm": arm},
+    )
+
+
+def clean(args):
+    """Removes the checkpoints of finished fits (the results stay)."""
+    for root, dirs, _ in os.walk(args.output_dir):
+        if "backup" in dirs:
+            shutil.rmtree(os.path.join(root, "backup"), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit("Run examples/iwslt_translate.py.")

@@ -1,0 +1,266 @@
+"""The main job's settings: defaults, presets, arms, learning-rate grids,
+the command line, its checks and the run key.
+
+Every default is an UPPER_CASE constant with the reason it has its value;
+a preset (`--preset`) and `--smoke` change some of them, and an argument
+given on the command line always wins over both.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+
+PRETRAIN_FRACTION = 0.5  # the paper: an initial part, then new data arrives
+SEED = 1234
+# Settings every run has (`None`: all there is).
+DEFAULTS = {
+    "max_pairs": None,  # training pairs read, in file order
+    "eval_pairs": None,  # test pairs scored (None: all 8,079 of tst2010-15)
+    "heldout_pairs": 500,  # initial pairs kept out: forgetting is read there
+    "chunk_heldout_pairs": 300,  # pairs of each new chunk kept out likewise
+    # Per language, SentencePiece unigram, trained on the initial part only.
+    "vocab_size": 4000,
+    "max_length": 50,  # tokens per side; longer sentences are truncated
+    "batch_size": 64,
+    "label_smoothing": 0.1,  # training loss only; perplexity is unsmoothed
+    "patience": 3,  # pre-training stops this many epochs after its best
+    "increments": 2,  # chunks the new data arrives in
+    "seeds": 1,  # repetitions of the incremental phase (README: 3)
+    "timing_rounds": 7,  # rounds of the interleaved step timing
+}
+PRESETS = {
+    # A 2-core CPU: about 40 minutes for the default run (one seed).
+    "cpu": {
+        "embedding_dim": 256,
+        "units": 256,
+        "dropout": 0.3,
+        "rank": 8,
+        "pretrain_epochs": 30,  # an upper bound: early stopping ends it
+        "pretrain_learning_rate": 2e-3,
+        "update_epochs": 4,  # per chunk; the best epoch is kept
+    },
+    # The paper's scale (hidden 2048): for a GPU.
+    "paper": {
+        "embedding_dim": 512,
+        "units": 2048,
+        "dropout": 0.3,
+        "rank": 8,
+        "pretrain_epochs": 40,
+        "pretrain_learning_rate": 1e-3,
+        "update_epochs": 5,
+        "increments": 4,
+    },
+}
+SMOKE = {
+    "max_pairs": 400,
+    "eval_pairs": 40,
+    "heldout_pairs": 20,
+    "chunk_heldout_pairs": 10,
+    "vocab_size": 500,
+    "batch_size": 32,
+    "embedding_dim": 16,
+    "units": 32,
+    "rank": 2,
+    "pretrain_epochs": 2,
+    "update_epochs": 1,
+    "timing_rounds": 2,
+}
+SETTING_TYPES = {
+    "max_pairs": int,
+    "eval_pairs": int,
+    "heldout_pairs": int,
+    "chunk_heldout_pairs": int,
+    "vocab_size": int,
+    "max_length": int,
+    "batch_size": int,
+    "label_smoothing": float,
+    "patience": int,
+    "increments": int,
+    "seeds": int,
+    "timing_rounds": int,
+    "embedding_dim": int,
+    "units": int,
+    "dropout": float,
+    "rank": int,
+    "pretrain_epochs": int,
+    "pretrain_learning_rate": float,
+    "update_epochs": int,
+}
+
+# The arms. `method` names the learning-rate grid the arm is tuned on; an
+# arm whose method is another arm's reuses that arm's chosen rate.
+ARMS = {
+    "full": {"method": "full", "about": "every weight fine-tuned"},
+    "lora": {
+        "method": "lora",
+        "about": "LoRA on the recurrent kernels (the paper's method)",
+        "targets": ("recurrent",),
+    },
+    "lora_kernel": {
+        "method": "lora_kernel",
+        "about": "LoRA on the input and recurrent kernels",
+        "targets": ("kernel", "recurrent"),
+    },
+    "lora_bf16": {
+        "method": "lora",
+        "about": "`lora` with the frozen base in bfloat16",
+        "targets": ("recurrent",),
+        "base_dtype": "bfloat16",
+    },
+    "frozen": {"method": None, "about": "no update: the pre-trained model"},
+}
+DEFAULT_ARMS = "full,lora,lora_kernel,lora_bf16,frozen"
+# Learning rates tried per method on the first chunk (seed 0), chosen on
+# validation perplexity. Each grid spans both directions around a prior; if
+# the best rate is at an edge, the grid is extended by the same factor
+# (`GRID_EXTENSIONS` times at most), so the choice is an interior optimum.
+LEARNING_RATE_GRIDS = {
+    "full": (3e-4, 1e-3, 3e-3),
+    "lora": (3e-3, 1e-2, 3e-2),
+    "lora_kernel": (3e-3, 1e-2, 3e-2),
+}
+SMOKE_GRIDS = {"full": (1e-3, 3e-3), "lora": (1e-2, 3e-2)}
+SMOKE_GRIDS["lora_kernel"] = SMOKE_GRIDS["lora"]
+GRID_FACTOR = 3.0
+GRID_EXTENSIONS = 2
+# `--ablation`: what closes the gap, at what cost (first chunk, seed 0).
+ABLATION_RANKS = (4, 8, 16, 32)
+ABLATION_TARGETS = {
+    "recurrent": ("recurrent",),
+    "input+recurrent": ("kernel", "recurrent"),
+    "+dense": ("kernel", "recurrent", "dense"),
+    "+embedding": ("kernel", "recurrent", "dense", "embedding"),
+}
+# The paper's reported reductions of LoRA against full fine-tuning.
+PAPER = {
+    "time_reduction": 0.837,
+    "memory_reduction": 0.335,
+    "trainable_reduction": 0.999,
+}
+# Translated by every arm in the report.
+SENTENCES = (
+    "Thank you so much, Chris.",
+    "We have to do something.",
+    "Climate change is the biggest problem of our time.",
+    "I would like to tell you a story about my grandmother.",
+    "This is the most important thing in the world.",
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="LoRA against full fine-tuning on IWSLT 2017 en-de, "
+        "with data that arrives in increments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--data-dir", default=os.environ.get("IWSLT2017_DIR"))
+    add("--output-dir", default="runs/iwslt_translate")
+    add("--export-dir", default="saved_models")
+    add("--pretrain-fraction", type=float, default=PRETRAIN_FRACTION)
+    add(
+        "--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {list(ARMS)}"
+    )
+    add("--preset", choices=sorted(PRESETS), default="cpu")
+    add("--smoke", action="store_true", help="a few hundred pairs, tiny model")
+    add("--ablation", action="store_true", help="ranks and targets of LoRA")
+    add("--seed", type=int, default=SEED)
+    for key, kind in SETTING_TYPES.items():
+        default = DEFAULTS.get(key, PRESETS["cpu"].get(key))
+        add(
+            f"--{key.replace('_', '-')}",
+            type=kind,
+            default=None,
+            help=f"default {default} (the preset's, or --smoke's)",
+        )
+    args = parser.parse_args(argv)
+    settings = {**DEFAULTS, **PRESETS[args.preset]}
+    if args.smoke:
+        settings.update(SMOKE)
+    for key, value in settings.items():
+        if getattr(args, key) is None:  # given on the command line: wins
+            setattr(args, key, value)
+    args.grids = SMOKE_GRIDS if args.smoke else LEARNING_RATE_GRIDS
+    return parser, args
+
+
+def check_args(parser, args):
+    """Every argument checked before any work: one clear line each."""
+    if not 0.0 < args.pretrain_fraction < 1.0:
+        parser.error(
+            "--pretrain-fraction must lie strictly between 0 and 1, got "
+            f"{args.pretrain_fraction}"
+        )
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        parser.error(
+            f"--arms: unknown arm {unknown or arms}; choose from {list(ARMS)}"
+        )
+    args.arm_list = arms
+    # No --data-dir and no IWSLT2017_DIR: the TFDS builder downloads.
+    if args.data_dir and not os.path.exists(args.data_dir):
+        parser.error(f"--data-dir {args.data_dir} does not exist")
+    minimum = {
+        "units": 1,
+        "embedding_dim": 1,
+        "batch_size": 1,
+        "pretrain_epochs": 1,
+        "update_epochs": 1,
+        "max_length": 2,  # [START] or [END] plus one token
+        "vocab_size": 8,  # the four special pieces and a few more
+        "heldout_pairs": 1,
+        "chunk_heldout_pairs": 1,
+        "max_pairs": 1,
+        "eval_pairs": 1,
+        "increments": 1,
+        "seeds": 1,
+        "patience": 1,
+        "timing_rounds": 1,
+    }
+    for name, low in minimum.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(
+                f"--{name.replace('_', '-')} must be at least {low}, got "
+                f"{value}"
+            )
+    if not 1 <= args.rank <= args.units:
+        parser.error(
+            f"--rank must lie in [1, --units={args.units}], got {args.rank}"
+        )
+    for name in ("dropout", "label_smoothing"):
+        value = getattr(args, name)
+        if not 0.0 <= value < 1.0:
+            parser.error(
+                f"--{name.replace('_', '-')} must lie in [0, 1), got {value}"
+            )
+    rate = args.pretrain_learning_rate
+    if not (math.isfinite(rate) and rate > 0):
+        parser.error(
+            f"--pretrain-learning-rate must be finite and > 0, got {rate}"
+        )
+
+
+def run_key(args, data_fingerprint):
+    """A fingerprint of everything that changes results: the settings and
+    the content of the data, so a resumed run only reuses work made from
+    the same settings and the same data. (`--seeds`, `--arms` and
+    `--ablation` add work without changing what is done, so they are not
+    in it.)"""
+    skip = {
+        "data_dir",
+        "output_dir",
+        "export_dir",
+        "arms",
+        "arm_list",
+        "seeds",
+        "ablation",
+        "timing_rounds",
+    }
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    settings["data"] = data_fingerprint
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

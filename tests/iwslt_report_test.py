@@ -1,0 +1,97 @@
+"""Unit tests of the main job's report: aggregation over seeds, figures
+that were not measured, the reductions (examples/iwslt/report.py)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+from iwslt import report  # noqa: E402
+
+
+def seed_result(test_ppl, seconds=(10.0, 12.0), bleu=5.0):
+    row = {"initial": 80.0, "chunk_1": 70.0, "validation": 75.0}
+    return {
+        "learning_rate": 1e-3,
+        "trainable_params": 100,
+        "test_perplexity": test_ppl,
+        "test_bleu": bleu,
+        "test_chrf": 30.0,
+        "heldout_initial_bleu": 6.0,
+        "sentences": {"Hi.": "Hallo."},
+        "chunks": [
+            {
+                "epochs_run": 2,
+                "train_seconds": seconds[0],
+                "val_perplexity_curve": [80.0, 75.0],
+                "forgetting_row": row,
+            },
+            {
+                "epochs_run": 2,
+                "train_seconds": seconds[1],
+                "val_perplexity_curve": [74.0, 73.0],
+                "forgetting_row": {**row, "initial": 82.0},
+            },
+        ],
+    }
+
+
+PRETRAIN = {
+    "forgetting_row": {"initial": 90.0, "chunk_1": 95.0, "validation": 92.0},
+    "heldout_initial_bleu": 5.5,
+}
+
+
+def test_seeds_give_mean_and_standard_deviation():
+    seeds = [seed_result(100.0), seed_result(110.0)]
+    arm = report._aggregate("lora", seeds, PRETRAIN, {}, {"peak_rss_mb": 50})
+    assert arm["test_perplexity"] == {
+        "mean": 105.0,
+        "std": pytest.approx(7.0711, rel=1e-4),
+        "n": 2,
+    }
+    assert arm["train_seconds"]["mean"] == 22.0
+    assert arm["forgetting_perplexity"]["mean"] == -8.0  # 82 after, 90 before
+    assert arm["forgetting_bleu"]["mean"] == 0.5
+    assert report._fmt(arm["test_perplexity"]) == "105.00 ± 7.07"
+    assert report._fmt(report._mean_std([3.0])) == "3.00"
+
+
+def test_a_lost_epoch_time_is_not_measured_never_zero():
+    seeds = [seed_result(100.0, seconds=(10.0, None))]
+    arm = report._aggregate("full", seeds, PRETRAIN, {}, {})
+    assert arm["train_seconds"] is None
+    assert report._fmt(arm["train_seconds"]) == "not measured"
+
+
+def test_reductions_come_from_the_interleaved_ratio():
+    timing = {
+        "ratio_to_full": {
+            "lora": {"median": 0.6, "min": 0.5, "max": 0.7, "rounds": 7},
+            "full": {"median": 1.0, "min": 1.0, "max": 1.0, "rounds": 7},
+        }
+    }
+    arms = {
+        "full": report._aggregate(
+            "full", [seed_result(100.0)], PRETRAIN, timing, {"peak_rss_mb": 200}
+        ),
+        "lora": report._aggregate(
+            "lora", [seed_result(120.0)], PRETRAIN, timing, {"peak_rss_mb": 150}
+        ),
+    }
+    arms["lora"]["trainable_params"] = 1
+    reductions = report.reductions(arms)
+    assert reductions["time_reduction"] == {
+        "median": pytest.approx(0.4),
+        "min": pytest.approx(0.5),
+        "max": pytest.approx(0.3),
+    }
+    assert reductions["memory_reduction"] == pytest.approx(0.25)
+    assert reductions["trainable_reduction"] == pytest.approx(0.99)
+    assert reductions["test_perplexity_change"] == pytest.approx(0.2)
+    arms["lora"]["step_time_ratio"] = None
+    arms["lora"]["peak_rss_mb"] = None
+    assert report.reductions(arms)["time_reduction"] is None
+    assert report.reductions(arms)["memory_reduction"] is None

@@ -117,8 +117,7 @@ def ratio_summary(times, numerator, denominator):
     """Median, min and max over rounds of `times[numerator][r] /
     times[denominator][r]`."""
     values = [
-        a / b
-        for a, b in zip(times[numerator], times[denominator], strict=True)
+        a / b for a, b in zip(times[numerator], times[denominator], strict=True)
     ]
     return {
         "median": statistics.median(values),

@@ -55,6 +55,11 @@ def main(argv=None):
     settings.check_args(parser, args)
     import_backend()  # reading the data imports the library, and Keras
     os.makedirs(args.output_dir, exist_ok=True)
+    with jobs.run_lock(args.output_dir):
+        run(parser, args)
+
+
+def run(parser, args):
     key_path = os.path.join(args.output_dir, "run_key.txt")
     key = settings.run_key(args, data_fingerprint(args))
     if os.path.exists(key_path) and open(key_path).read() != key:

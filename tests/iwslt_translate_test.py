@@ -263,6 +263,90 @@ def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
     assert os.listdir(tmp_path / "export" / "iwslt_en_de") == ["1"]
 
 
+def _children(pid):
+    """The live processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _is_job(pid):
+    """A process multiprocessing spawned to run a job (not its resource
+    tracker, which ends with its parent by design)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            command = file.read().decode(errors="replace")
+    except OSError:
+        return False
+    return "spawn_main" in command and _alive(pid)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_job_ends_with_its_killed_parent(tmp_path):
+    # Only the main process is killed (not its process group): its running
+    # job must not go on writing into the run folder a resumed run uses.
+    # Its output goes to a file: a closed pipe would end the job anyway.
+    log = open(tmp_path / "log.txt", "w")
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT]
+        + smoke_args(
+            tmp_path, "lora", "--pretrain-epochs", "100", "--patience", "100"
+        ),
+        env=environment(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    children = []
+    while not children and time.monotonic() < deadline:
+        assert process.poll() is None, (tmp_path / "log.txt").read_text()
+        children = [c for c in _children(process.pid) if _is_job(c)]
+        time.sleep(0.2)
+    assert children, "the main job started no job"
+    time.sleep(3)  # the job is under way
+    process.kill()
+    process.wait()
+    log.close()
+    deadline = time.monotonic() + 5  # it checks on its parent twice a second
+    while any(map(_alive, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [c for c in children if _alive(c)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "a job outlived the killed main process"
+
+
+def test_two_runs_never_share_an_output_folder(tmp_path):
+    sys.path.insert(0, EXAMPLES)
+    from iwslt import jobs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with jobs.run_lock(str(out)):
+        second = run(smoke_args(tmp_path, "lora"), timeout=300)
+    assert second.returncode != 0
+    assert "is in use by another run" in second.stderr
+    assert not (out / "pretrain").exists()
+
+
 def load_main():
     sys.path.insert(0, EXAMPLES)
     spec = importlib.util.spec_from_file_location("iwslt_main", SCRIPT)

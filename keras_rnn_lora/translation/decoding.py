@@ -30,8 +30,9 @@ def _positive_int(name, value):
 
 
 def _log_softmax(logits):
-    logits = ops.cast(logits, "float32")
-    return logits - ops.logsumexp(logits, axis=-1, keepdims=True)
+    # One fused op on every backend. (On torch, `x - logsumexp(x)` took 3/4
+    # of greedy decoding at batch 1: its exp ran outside the fused kernel.)
+    return ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
 
 
 def greedy_search(

@@ -44,10 +44,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
+
+from keras_rnn_lora.measurement import PeakMemory
+from keras_rnn_lora.measurement import ratio_summary
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SIZES = {
@@ -174,12 +176,7 @@ def step_ratios(size, rounds):
 
 
 def ratio(times, a, b):
-    values = [x / y for x, y in zip(times[a], times[b], strict=True)]
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-    }
+    return ratio_summary(times, a, b)
 
 
 def inference_ratio(size, rounds):
@@ -234,30 +231,14 @@ def peak_memory(mode, size_name, steps=3):
     return json.loads(lines[0][5:])
 
 
-def rss():
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_peak(mode, size_name, steps):
     size = SIZES[size_name]
     model = build(mode, size)
     x, y = batch(size)
-    baseline = rss()
-    peak = [baseline]
-    done = threading.Event()
-
-    def sample():
-        while not done.wait(0.01):
-            peak[0] = max(peak[0], rss())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for _ in range(steps):
-        model.train_on_batch(x, y)
-    done.set()
-    thread.join()
-    return (max(peak[0], rss()) - baseline) / 2**20
+    with PeakMemory() as memory:
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+    return memory.peak_mb
 
 
 def paper_torch_loop(rounds):

@@ -203,7 +203,8 @@ def compiled_decoder(model, beam_width=1, max_length=64):
     """`decode` bound to `model`, compiled once for the backend.
 
     TensorFlow: a `tf.function`; JAX: `jax.jit` (weights are read at trace
-    time, so build a new decoder after changing them); torch: eager.
+    time, so build a new decoder after changing them); torch: eager, under
+    `torch.no_grad`.
 
     Returns:
         A function `encoder_tokens -> (tokens, scores)`.
@@ -221,4 +222,10 @@ def compiled_decoder(model, beam_width=1, max_length=64):
         import jax
 
         return jax.jit(run)
+    if backend == "torch":
+        import torch
+
+        # Eager, without autograd: decoding records no graph to go back
+        # through.
+        return torch.no_grad()(run)
     return run

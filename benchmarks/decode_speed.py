@@ -1,11 +1,11 @@
 """Greedy translation throughput: incremental decoder vs re-running the prefix.
 
-The translator at the example's default size (vocabulary 8,000, embedding
-128, GRU 256) with random weights, decoding a fixed number of steps
+`build_translator`'s default (embedding 256, GRU 256) over a vocabulary of
+8,000, with random weights, decoding a fixed number of steps
 (`--steps`) for batches of 1 and 64 source sentences of 20 tokens:
 
-- incremental: `seq2seq.greedy_decode` (encoder once, one decoder step per
-  token carrying the state), compiled with `seq2seq.compiled_decoder`;
+- incremental: greedy `decode` (encoder once, one decoder step per
+  token carrying the state), compiled with `compiled_decoder`;
 - prefix re-run: the full model called on the growing prefix at each step
   (what decoding costs without a stateful decoder).
 
@@ -26,7 +26,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_rnn_lora import seq2seq
+from keras_rnn_lora.translation import build_translator
+from keras_rnn_lora.translation import compiled_decoder
+from keras_rnn_lora.translation.tokens import START_ID
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -39,7 +41,7 @@ def rerun_prefix(model, source, steps):
     compiled predict function serve every step with one shape.
     """
     prefix = np.zeros((len(source), steps + 1), "int32")
-    prefix[:, 0] = seq2seq.START_ID
+    prefix[:, 0] = START_ID
     for t in range(steps):
         logits = model.predict_on_batch([source, prefix])
         prefix[:, t + 1] = np.asarray(logits)[:, t].argmax(-1)
@@ -58,8 +60,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
-    model = seq2seq.build_translator(8000, 8000)
-    decoder = seq2seq.compiled_decoder(model, max_length=args.steps)
+    model = build_translator(8000, 8000)
+    decoder = compiled_decoder(model, max_length=args.steps)
     rng = np.random.default_rng(0)
     results = {}
     for batch in (1, 64):

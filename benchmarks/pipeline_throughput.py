@@ -1,6 +1,6 @@
 """Translation pipeline throughput and padding, with and without bucketing.
 
-Runs the `tf.data` pipeline of `keras_rnn_lora.text` over the IWSLT 2017
+Runs `TranslationPreprocessor.dataset` over the IWSLT 2017
 training pairs (tokenization in the graph, batching, padding), alternating
 A B A B: plain padded batches vs length-bucketed batches. Reports pairs/s
 (median, min, max over the rounds) and the padding fraction of each.
@@ -17,19 +17,18 @@ import os
 import statistics
 import time
 
-from keras_rnn_lora import text
-from keras_rnn_lora.data import iwslt2017
+from keras_rnn_lora.translation import iwslt2017_tfds
+from keras_rnn_lora.translation import read_pairs
+from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
+from keras_rnn_lora.translation.preprocessing import padding_fraction
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def run_once(pairs, src, tgt, bucketed, seed):
-    dataset = text.make_translation_dataset(
+def run_once(pairs, preprocessor, bucketed, seed):
+    dataset = preprocessor.dataset(
         pairs,
-        src,
-        tgt,
         batch_size=64,
-        max_length=64,
         seed=seed,
         cache=False,
         bucket_boundaries=(8, 12, 16, 20, 24, 32, 40, 48) if bucketed else None,
@@ -45,16 +44,16 @@ def main():
     parser.add_argument("--pairs", type=int, default=20000)
     parser.add_argument("--data-dir", default=os.environ.get("IWSLT2017_DIR"))
     args = parser.parse_args()
-    pairs = iwslt2017.read_pairs("train", args.data_dir, max_pairs=args.pairs)
-    tokenizer_dir = os.path.join(iwslt2017.prepared_dir(args.data_dir), "tok")
-    src, tgt = text.get_tokenizers(pairs, tokenizer_dir)
-    run_once(pairs[:1000], src, tgt, True, 0)  # warm-up: trace the graphs
+    pairs = read_pairs("train", args.data_dir, max_pairs=args.pairs)
+    directory = os.path.join(iwslt2017_tfds.prepared_dir(args.data_dir), "tok")
+    preprocessor = TranslationPreprocessor.train(pairs, directory)
+    run_once(pairs[:1000], preprocessor, True, 0)  # warm-up: trace the graphs
     speeds = {"plain": [], "bucketed": []}
     datasets = {}
     for i in range(args.rounds):
         for mode in ("plain", "bucketed"):
             speed, datasets[mode] = run_once(
-                pairs, src, tgt, mode == "bucketed", seed=i
+                pairs, preprocessor, mode == "bucketed", seed=i
             )
             speeds[mode].append(speed)
     results = {
@@ -62,7 +61,7 @@ def main():
             "pairs_per_s_median": statistics.median(values),
             "pairs_per_s_min": min(values),
             "pairs_per_s_max": max(values),
-            "padding_fraction": text.padding_fraction(datasets[mode]),
+            "padding_fraction": padding_fraction(datasets[mode]),
         }
         for mode, values in speeds.items()
     }

@@ -37,32 +37,31 @@ def main():
     import tensorflow as tf
 
     import keras_rnn_lora
-    from keras_rnn_lora import export
-    from keras_rnn_lora import seq2seq
-    from keras_rnn_lora import text
-    from keras_rnn_lora.data import iwslt2017
+    from keras_rnn_lora.translation import build_translator
+    from keras_rnn_lora.translation import export_translator
+    from keras_rnn_lora.translation import read_pairs
+    from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
+    from keras_rnn_lora.walk import lora_weight_ids
 
     keras.utils.set_random_seed(0)
-    pairs = iwslt2017.read_pairs("train", args.data_dir, max_pairs=5000)
-    tokenizer_dir = os.path.join(iwslt2017.prepared_dir(args.data_dir), "tok")
-    src, tgt = text.get_tokenizers(pairs, tokenizer_dir, vocab_size=8000)
-    model = keras_rnn_lora.enable_lora(
-        seq2seq.build_translator(8000, 8000), rank=8
-    )
-    for cell in keras_rnn_lora.adapters.lora_cells(model).values():
-        for w in cell.lora_weights:
-            w.assign(np.random.default_rng(0).normal(size=w.shape) * 0.05)
+    pairs = read_pairs("train", args.data_dir, max_pairs=5000)
     root = tempfile.mkdtemp()
+    preprocessor = TranslationPreprocessor.train(
+        pairs, os.path.join(root, "tok"), max_length=args.max_length
+    )
+    vocab = preprocessor.vocab_size
+    translator = build_translator(vocab, vocab)
+    translator([np.ones((1, 4), "int32"), np.ones((1, 4), "int32")])
+    model = keras_rnn_lora.enable_lora(translator, rank=8)
+    factors = lora_weight_ids(model)
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        if id(weight) in factors:  # non-zero factors: a real delta
+            weight.assign(rng.normal(size=weight.shape) * 0.05)
     serve = {}
     for mode, merge in (("merged", True), ("unmerged", False)):
-        path = export.export_translator(
-            model,
-            src,
-            tgt,
-            root,
-            name=mode,
-            max_length=args.max_length,
-            merge=merge,
+        path = export_translator(
+            model, preprocessor, root, name=mode, merge=merge
         )
         serve[mode] = tf.saved_model.load(path).signatures["serving_default"]
     single = tf.constant([SENTENCE])

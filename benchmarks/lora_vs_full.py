@@ -62,6 +62,16 @@ SIZES = {
     },
     "paper": {"vocab": 8000, "embed": 512, "units": 2048, "batch": 16, "T": 20},
 }
+# benchmarks/scaling.py: hidden 256 to 2048. The vocabulary stays; the
+# embedding grows with the width up to the paper's 512; batch x length
+# shrink as the width grows so one step stays within seconds on a 2-core CPU.
+SCALING = {
+    256: {"vocab": 8000, "embed": 256, "units": 256, "batch": 64, "T": 30},
+    512: {"vocab": 8000, "embed": 512, "units": 512, "batch": 64, "T": 30},
+    1024: {"vocab": 8000, "embed": 512, "units": 1024, "batch": 32, "T": 20},
+    2048: {"vocab": 8000, "embed": 512, "units": 2048, "batch": 16, "T": 20},
+}
+SIZES.update({f"hidden{units}": size for units, size in SCALING.items()})
 MODES = (
     "full",
     "lora_cell",

@@ -99,12 +99,7 @@ def preprocessor(args, split):
 
 def batches(args, preprocessor, pairs, shuffle, seed=0):
     """Bucketed batches of `pairs`, with their number of batches declared
-    (it does not depend on the order, so Keras need not discover the end
-    of an epoch by running out of data)."""
-    import tensorflow as tf
-
-    dataset = preprocessor.dataset(
+    (see `TranslationPreprocessor.dataset`)."""
+    return preprocessor.dataset(
         pairs, batch_size=args.batch_size, shuffle=shuffle, seed=seed
     )
-    count = int(dataset.reduce(0, lambda n, _: n + 1))
-    return dataset.apply(tf.data.experimental.assert_cardinality(count))

@@ -275,6 +275,7 @@ class TranslationPreprocessor(tf.Module):
         bucket_boundaries=(8, 12, 16, 20, 24, 32, 40, 48),
         cache=True,
         drop_remainder=False,
+        count_batches=True,
     ):
         """A `tf.data` pipeline from string pairs to translation batches.
 
@@ -287,6 +288,13 @@ class TranslationPreprocessor(tf.Module):
         Args:
             pairs: a list of `(source, target)` strings, or a
                 `tf.data.Dataset` of `{"en": ..., "de": ...}` strings.
+            count_batches: count the batches once (a pass over the data,
+                which also fills the cache) and declare the number as the
+                dataset's cardinality, so `model.fit` knows an epoch's
+                length instead of finding it by running out of data (and
+                warning). Dropping empty pairs and bucketing leave it
+                unknown otherwise; the number does not depend on the
+                shuffling order. `False` skips the pass.
         """
         if isinstance(pairs, (list, tuple)):
             sources = [p[0] for p in pairs]
@@ -336,6 +344,9 @@ class TranslationPreprocessor(tf.Module):
                 drop_remainder=drop_remainder,
             )
         data = data.map(lambda src, dec_in, dec_out: ((src, dec_in), dec_out))
+        if count_batches:
+            count = int(data.reduce(0, lambda n, _: n + 1))
+            data = data.apply(tf.data.experimental.assert_cardinality(count))
         return data.prefetch(tf.data.AUTOTUNE)
 
 

@@ -90,6 +90,44 @@ def test_pipeline_shapes_and_no_padding_rows(real_pairs, preprocessor_dir):
     assert 0.9 * 600 < rows <= 600
 
 
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_dataset_declares_its_number_of_batches(
+    real_pairs, preprocessor, bucketed
+):
+    import tensorflow as tf
+
+    boundaries = {} if bucketed else {"bucket_boundaries": None}
+    pairs = real_pairs[:700] + [("", "leer"), ("empty", "")]  # dropped
+    dataset = preprocessor.dataset(pairs, batch_size=64, seed=3, **boundaries)
+    declared = int(dataset.cardinality())
+    assert declared == sum(1 for _ in dataset) == sum(1 for _ in dataset)
+    # Another shuffling order, the same number of batches.
+    again = preprocessor.dataset(pairs, batch_size=64, seed=4, **boundaries)
+    assert int(again.cardinality()) == declared
+    lazy = preprocessor.dataset(pairs, count_batches=False, **boundaries)
+    assert int(lazy.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+
+
+def test_fit_on_the_dataset_warns_of_nothing(real_pairs, preprocessor):
+    import warnings
+
+    from keras_rnn_lora.translation import build_translator
+    from keras_rnn_lora.translation import compile_translator
+
+    dataset = preprocessor.dataset(real_pairs[:64], batch_size=32)
+    model = build_translator(
+        preprocessor.source_vocabulary_size,
+        preprocessor.target_vocabulary_size,
+        embedding_dim=8,
+        units=8,
+    )
+    compile_translator(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(dataset, epochs=2, shuffle=False, verbose=0)
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
+
+
 def test_bucketing_reduces_padding(real_pairs, preprocessor):
     kwargs = {"batch_size": 64, "seed": 1}
     plain = preprocessor.dataset(real_pairs, bucket_boundaries=None, **kwargs)

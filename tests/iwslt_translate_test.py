@@ -45,7 +45,13 @@ def environment():
     return env
 
 
-def run(args, timeout=900):
+# A smoke run is about two minutes on an idle 2-core CPU; on JAX every job
+# (a fresh process) compiles again, and a loaded machine is several times
+# slower. The limit only catches a hung run.
+RUN_TIMEOUT = 1800
+
+
+def run(args, timeout=RUN_TIMEOUT):
     return subprocess.run(
         [sys.executable, SCRIPT, *args],
         env=environment(),
@@ -190,7 +196,7 @@ def start(args):
     )
 
 
-def kill_after_epoch(args, epochs_file, timeout=900):
+def kill_after_epoch(args, epochs_file, timeout=RUN_TIMEOUT):
     """Starts the main job and SIGKILLs it (and its jobs) as soon as
     `epochs_file` records a finished epoch."""
     process = start(args)
@@ -226,7 +232,7 @@ def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
     # Killed during an arm's fit (a learning-rate trial on the first chunk).
     trial = out / "learning_rates" / "lora"
     process = start(args)
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + RUN_TIMEOUT
     killed_trial = None
     while killed_trial is None and time.monotonic() < deadline:
         for epochs in trial.glob("*/epochs.json") if trial.exists() else []:

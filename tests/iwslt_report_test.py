@@ -57,6 +57,7 @@ def test_seeds_give_mean_and_standard_deviation():
     assert arm["forgetting_bleu"]["mean"] == 0.5
     assert report._fmt(arm["test_perplexity"]) == "105.00 ± 7.07"
     assert report._fmt(report._mean_std([3.0])) == "3.00"
+    assert report._fmt(report._mean_std([-1.0, -3.0]), "+.2f") == "-2.00 ± 1.41"
 
 
 def test_a_lost_epoch_time_is_not_measured_never_zero():

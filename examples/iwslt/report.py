@@ -27,7 +27,8 @@ def _fmt(stat, spec=".2f"):
         return "not measured"
     if stat["n"] == 1:
         return format(stat["mean"], spec)
-    return f"{format(stat['mean'], spec)} ± {format(stat['std'], spec)}"
+    spread = format(stat["std"], spec.lstrip("+"))  # a spread has no sign
+    return f"{format(stat['mean'], spec)} ± {spread}"
 
 
 def collect(args, split_sizes):

@@ -269,6 +269,43 @@ def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
     assert os.listdir(tmp_path / "export" / "iwslt_en_de") == ["1"]
 
 
+def test_a_backup_cut_off_mid_write_leaves_the_previous_one(tmp_path):
+    # Keras' own BackupAndRestore writes in place: a kill mid-write left a
+    # truncated checkpoint that the resumed run failed to load.
+    import numpy as np
+
+    sys.path.insert(0, EXAMPLES)
+    from iwslt.arms import atomic_backup
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((4, 2)), np.ones((4, 1))
+    backup = tmp_path / "latest.weights.h5"
+
+    def fit(epochs):
+        callback = atomic_backup(str(tmp_path))
+        model.fit(x, y, epochs=epochs, callbacks=[callback], verbose=0)
+
+    fit(1)
+    before = backup.read_bytes()
+
+    def cut_off(path, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write(before[:96])  # the start of an HDF5 file
+        raise RuntimeError("killed mid-write")
+
+    model.save_weights = cut_off
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        fit(2)
+    del model.save_weights
+    assert backup.read_bytes() == before
+    fit(2)  # resumes from the intact checkpoint
+    assert json.loads((tmp_path / "training_metadata.json").read_text()) == {
+        "epoch": 2,
+        "batch": 0,
+    }
+
+
 def _children(pid):
     """The live processes whose parent is `pid` (Linux /proc)."""
     found = []

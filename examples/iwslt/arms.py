@@ -145,10 +145,41 @@ def save_weights(model, path):
         model.save_weights(temporary)
 
 
+def atomic_backup(directory):
+    """Keras' `BackupAndRestore`, writing its checkpoint atomically.
+
+    Keras writes `latest.weights.h5` in place: a kill during the write
+    leaves a truncated file, and the resumed run fails loading it. Here the
+    weights, then the metadata saying which epoch they hold, are each
+    written beside their file and renamed into place, so a kill leaves the
+    previous checkpoint or the new one, never part of one. (A kill between
+    the two renames, microseconds apart, leaves the new weights with the
+    previous epoch number: that epoch runs once more.)
+    """
+    import json
+
+    import keras
+
+    from keras_rnn_lora import files
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def _save_model(self):
+            os.makedirs(self.backup_dir, exist_ok=True)
+            with files.atomic_path(self._weights_path) as temporary:
+                os.remove(temporary)  # Keras writes the file itself
+                self.model.save_weights(temporary)
+            metadata = {
+                "epoch": self._current_epoch,
+                "batch": self._last_batch_seen,
+            }
+            files.write_text(self._training_metadata_path, json.dumps(metadata))
+
+    return AtomicBackupAndRestore(directory, delete_checkpoint=False)
+
+
 def fit_chunk(args, model, train, validation, epochs, directory, patience=None):
     """Trains `model` on `train` (batches) for at most `epochs`, resumable,
     ending on its best-validation epoch. Returns the record of the fit."""
-    import keras
 
     os.makedirs(directory, exist_ok=True)
     log = EpochLog(os.path.join(directory, "epochs.json"))
@@ -163,9 +194,7 @@ def fit_chunk(args, model, train, validation, epochs, directory, patience=None):
             # and its weights (if best) are on disk.
             log.callback,
             best.callback,
-            keras.callbacks.BackupAndRestore(
-                os.path.join(directory, "backup"), delete_checkpoint=False
-            ),
+            atomic_backup(os.path.join(directory, "backup")),
         ],
         verbose=2,
     )

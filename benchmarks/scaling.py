@@ -2,8 +2,8 @@
 256, 512, 1024 and 2048, on the current backend.
 
 The network and the modes are `lora_vs_full.py`'s (embedding, two GRU
-layers, a `Dense` over 8,000 tokens; rank 8): `full`, `lora_cell` (LoRA
-factors only) and `floor` (only the first GRU's bias trainable: the
+layers, a `Dense` over 8,000 tokens; rank 8): `full`, `lora` (`LoRAGRU`
+layers, LoRA factors only) and `floor` (only the first GRU's bias trainable: the
 gradient still crosses the whole network, what any LoRA step pays). Sizes
 are `lora_vs_full.SCALING`: the embedding grows with the width up to 512,
 and batch x length shrink from 64 x 30 (hidden 256, 512) to 32 x 20 (1024)
@@ -25,7 +25,7 @@ import time
 
 import lora_vs_full as base
 
-MODES = ("full", "lora_cell", "floor")
+MODES = ("full", "lora", "floor")
 RESULTS = base.RESULTS
 
 
@@ -46,11 +46,11 @@ def measure(units, rounds):
     return {
         "size": size,
         "step_seconds": times,
-        "lora_over_full": base.ratio(times, "lora_cell", "full"),
+        "lora_over_full": base.ratio(times, "lora", "full"),
         "floor_over_full": base.ratio(times, "floor", "full"),
-        "lora_over_floor": base.ratio(times, "lora_cell", "floor"),
+        "lora_over_floor": base.ratio(times, "lora", "floor"),
         "peak_rss_mb": memory,
-        "memory_lora_over_full": memory["lora_cell"] / memory["full"],
+        "memory_lora_over_full": memory["lora"] / memory["full"],
     }
 
 
@@ -140,7 +140,7 @@ def main():
             f"| {units} | {size['batch']} x {size['T']} | {full_ms:.0f} | "
             f"{_ratio(r['lora_over_full'])} | {_ratio(r['floor_over_full'])} | "
             f"{_ratio(r['lora_over_floor'])} | "
-            f"{memory['full']:.0f} / {memory['lora_cell']:.0f} | "
+            f"{memory['full']:.0f} / {memory['lora']:.0f} | "
             f"{r['memory_lora_over_full']:.2f} |"
         )
 

@@ -184,6 +184,37 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
             for i, x in enumerate(xs)
         ]
 
+    def call(self, inputs, states, training=False):
+        if self._lora_merged:
+            return self._keras_cell.call(self, inputs, states, training)
+        x_projected = self.input_projection(inputs, training)
+        return self.recurrent_step(x_projected, states, training)
+
+    def input_projection(self, inputs, training=False):
+        """`inputs @ W + b` with the LoRA term of an adapted input kernel:
+        every gate's input block, concatenated (`(..., gates * units)`).
+
+        Works on one step `(batch, features)` or a whole sequence
+        `(batch, time, features)`; the whole-sequence form is one large
+        matmul instead of one per step (what the layers use on JAX, as
+        Keras' own JAX GRU and LSTM do). Input dropout draws its mask from
+        the step shape, so the layers precompute only without it.
+        """
+        xs = self._dropped_inputs(
+            inputs, self.get_dropout_mask, self.dropout, training
+        )
+        x_gates = self._gate_projections("kernel", xs, training)
+        projected = (
+            x_gates[0]
+            if len(x_gates) == 1
+            else ops.concatenate(x_gates, axis=-1)
+        )
+        bias = self._input_bias()
+        return projected if bias is None else ops.add(projected, bias)
+
+    def _input_bias(self):
+        return self.bias if self.use_bias else None
+
     def _dropped_inputs(self, x, mask_fn, rate, training):
         """`x` once per gate, each times its dropout mask when training."""
         if not (training and 0.0 < rate < 1.0):
@@ -284,23 +315,16 @@ class LoRASimpleRNNCell(_LoRACellMixin, keras.layers.SimpleRNNCell):
     _keras_cell = keras.layers.SimpleRNNCell
     _gates = 1
 
-    def call(self, sequence, states, training=False):
-        if self._lora_merged:
-            return super().call(sequence, states, training=training)
+    def recurrent_step(self, x_projected, states, training=False):
+        """The step after the input projection (see `input_projection`)."""
         prev_output = states[0] if isinstance(states, (list, tuple)) else states
-        [x] = self._dropped_inputs(
-            sequence, self.get_dropout_mask, self.dropout, training
-        )
         [h] = self._dropped_inputs(
             prev_output,
             self.get_recurrent_dropout_mask,
             self.recurrent_dropout,
             training,
         )
-        output = self._project("kernel", x, training=training)
-        if self.bias is not None:
-            output = ops.add(output, self.bias)
-        output = output + self._project("recurrent", h, training=training)
+        output = x_projected + self._project("recurrent", h, training=training)
         if self.activation is not None:
             output = self.activation(output)
         new_state = [output] if isinstance(states, (list, tuple)) else output
@@ -348,25 +372,21 @@ class LoRAGRUCell(_LoRACellMixin, keras.layers.GRUCell):
     _keras_cell = keras.layers.GRUCell
     _gates = 3
 
-    def call(self, inputs, states, training=False):
-        if self._lora_merged:
-            return super().call(inputs, states, training=training)
+    def _input_bias(self):
+        if not self.use_bias:
+            return None
+        return self.bias[0] if self.reset_after else self.bias
+
+    def recurrent_step(self, x_projected, states, training=False):
+        """The step after the input projection (see `input_projection`)."""
         h_tm1 = states[0] if tree.is_nested(states) else states
-        xs = self._dropped_inputs(
-            inputs, self.get_dropout_mask, self.dropout, training
-        )
+        x_z, x_r, x_h = ops.split(x_projected, 3, axis=-1)
         hs = self._dropped_inputs(
             h_tm1,
             self.get_recurrent_dropout_mask,
             self.recurrent_dropout,
             training,
         )
-        x_z, x_r, x_h = self._gate_projections("kernel", xs, training)
-        if self.use_bias:
-            input_bias = self.bias if not self.reset_after else self.bias[0]
-            b_z, b_r, b_h = ops.split(input_bias, 3, axis=-1)
-            x_z, x_r, x_h = x_z + b_z, x_r + b_r, x_h + b_h
-
         if self.reset_after:
             rec_z, rec_r, rec_h = self._gate_projections(
                 "recurrent", hs, training
@@ -429,29 +449,18 @@ class LoRALSTMCell(_LoRACellMixin, keras.layers.LSTMCell):
     _keras_cell = keras.layers.LSTMCell
     _gates = 4
 
-    def call(self, inputs, states, training=False):
-        if self._lora_merged:
-            return super().call(inputs, states, training=training)
+    def recurrent_step(self, x_projected, states, training=False):
+        """The step after the input projection (see `input_projection`)."""
         h_tm1, c_tm1 = states[0], states[1]
-        xs = self._dropped_inputs(
-            inputs, self.get_dropout_mask, self.dropout, training
-        )
         hs = self._dropped_inputs(
             h_tm1,
             self.get_recurrent_dropout_mask,
             self.recurrent_dropout,
             training,
         )
-        x_gates = self._gate_projections("kernel", xs, training)
         h_gates = self._gate_projections("recurrent", hs, training)
+        x_gates = ops.split(x_projected, 4, axis=-1)
         z = [x + h for x, h in zip(x_gates, h_gates, strict=True)]
-        if self.use_bias:
-            z = [
-                g + b
-                for g, b in zip(
-                    z, ops.split(self.bias, 4, axis=-1), strict=True
-                )
-            ]
         c, o = self._compute_carry_and_output_fused(z, c_tm1)
         h = o * self.activation(c)
         return h, [h, c]

@@ -12,9 +12,10 @@ loses. Which path runs:
 
 The effective kernel is formed once per call (not per step) and gradients
 reach `A` and `B` through it. The fused kernels cannot apply LoRA dropout,
-so training with `lora_dropout > 0` uses the factored loop too. On a CPU no
-backend has a fused GRU/LSTM kernel (Keras falls back to its step loop for
-the stock layers as well), so there the factored step is the fast path.
+so training with `lora_dropout > 0` uses the factored loop too. On a CPU
+the factored loop does what the stock layer's loop does: on JAX, where
+Keras' GRU projects the input sequence in one matmul before its scan,
+`LoRAGRU` does too (same conditions); elsewhere both step per time step.
 """
 
 import keras
@@ -100,6 +101,21 @@ class _EffectiveKernels:
         return self._cell(*args, **kwargs)
 
 
+class _RecurrentStep:
+    """A cell's step over projected inputs (`recurrent_step`), called as
+    `keras.layers.RNN.inner_loop` calls its cell."""
+
+    def __init__(self, cell, training):
+        self._cell = cell
+        self._training = training
+
+    def __getattr__(self, name):
+        return getattr(self._cell, name)
+
+    def __call__(self, x_projected, states):
+        return self._cell.recurrent_step(x_projected, states, self._training)
+
+
 class _LoRALayerMixin:
     """Builds the stock layer, then runs it over the matching LoRA cell."""
 
@@ -181,6 +197,49 @@ class _LoRALayerMixin:
             and not (training and self.cell.lora_dropout > 0)
         )
 
+    # Whether the stock layer's JAX backend projects the input sequence in
+    # one matmul before its scan (Keras' JAX `gru` does, on any device).
+    _stock_precomputes_on_jax = False
+
+    def _precompute_inputs(self, training, mask):
+        """Whether the factored loop projects the whole input sequence in
+        one matmul before stepping: exactly where the stock layer's own loop
+        does (Keras' JAX GRU: `reset_after`, no mask, no unroll, no
+        recurrent dropout), so a LoRA layer and its stock layer do equal
+        work on every backend; and not when input dropout or LoRA dropout
+        on the input kernel draws per-step masks."""
+        cell = self.cell
+        return (
+            self._stock_precomputes_on_jax
+            and keras.backend.backend() == "jax"
+            and getattr(self, "_use_cudnn", "auto") in ("auto", True)
+            and getattr(cell, "reset_after", False)
+            and mask is None
+            and not self.unroll
+            and not cell.recurrent_dropout
+            and not (
+                training
+                and (
+                    cell.dropout > 0
+                    or (cell.lora_dropout > 0 and "kernel" in cell.lora_targets)
+                )
+            )
+        )
+
+    def _projected_loop(self, sequences, initial_state, mask, training):
+        # Keras' own loop (masks, go_backwards, unroll) over the projected
+        # sequence, stepping with the cell's recurrent part only. Set
+        # without Keras' attribute tracking: a view for this call only.
+        real_cell = self.cell
+        projected = real_cell.input_projection(sequences, training)
+        object.__setattr__(self, "cell", _RecurrentStep(real_cell, training))
+        try:
+            return keras.layers.RNN.inner_loop(
+                self, projected, initial_state, mask, training=training
+            )
+        finally:
+            object.__setattr__(self, "cell", real_cell)
+
     def inner_loop(self, sequences, initial_state, mask, training=False):
         last, outputs, states = self._inner_loop(
             sequences, initial_state, mask, training
@@ -193,6 +252,10 @@ class _LoRALayerMixin:
                 self, sequences, initial_state, mask, training=training
             )
         if not self._fusable(training):
+            if self._precompute_inputs(training, mask):
+                return self._projected_loop(
+                    sequences, initial_state, mask, training
+                )
             return keras.layers.RNN.inner_loop(
                 self, sequences, initial_state, mask, training=training
             )
@@ -253,7 +316,9 @@ class LoRAGRU(_LoRALayerMixin, keras.layers.GRU):
     """`keras.layers.GRU` over a `LoRAGRUCell`, with the cuDNN path kept.
 
     On a GPU the effective kernel `W + s*A@B` goes to the backend's fused
-    GRU kernel once per call; elsewhere the factored LoRA step runs.
+    GRU kernel once per call; elsewhere the factored LoRA step runs. On JAX,
+    where Keras' GRU projects the whole input sequence in one matmul before
+    its scan (unmasked, `reset_after`), this layer does the same.
 
     Example:
 
@@ -264,6 +329,7 @@ class LoRAGRU(_LoRALayerMixin, keras.layers.GRU):
 
     _keras_layer = keras.layers.GRU
     _lora_cell = cells.LoRAGRUCell
+    _stock_precomputes_on_jax = True
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")

@@ -336,3 +336,34 @@ def test_sequence_output_is_contiguous_on_torch(cls, merged):
     )
     if keras.backend.backend() == "torch":
         assert outputs.is_contiguous()
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_gru_projects_the_whole_sequence_where_keras_jax_gru_does(
+    masked, monkeypatch
+):
+    # Keras' JAX GRU projects the unmasked input sequence in one matmul
+    # before its scan; LoRAGRU does the same there and only there, with the
+    # same values as the step-by-step cell path.
+    layer, reference = pair(
+        keras_rnn_lora.LoRAGRU, lora_targets=("kernel", "recurrent")
+    )
+    ranks = []
+    project = keras_rnn_lora.LoRAGRUCell.input_projection
+
+    def spy(self, inputs, training=False):
+        ranks.append(len(inputs.shape))
+        return project(self, inputs, training)
+
+    monkeypatch.setattr(keras_rnn_lora.LoRAGRUCell, "input_projection", spy)
+    x = x_batch(1)
+    mask = (
+        np.array([[1] * 5, [1, 1, 1, 0, 0], [1] * 5], bool) if masked else None
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer(x, mask=mask)),
+        to_numpy(reference(x, mask=mask)),
+        atol=1e-5,
+    )
+    whole_sequence = keras.backend.backend() == "jax" and not masked
+    assert (3 in ranks) == whole_sequence

@@ -13,10 +13,13 @@ loses. Which path runs:
 The effective kernel is formed once per call (not per step) and gradients
 reach `A` and `B` through it. The fused kernels cannot apply LoRA dropout,
 so training with `lora_dropout > 0` uses the factored loop too. On a CPU
-the factored loop does what the stock layer's loop does: on JAX, where
-Keras' GRU projects the input sequence in one matmul before its scan,
-`LoRAGRU` does too (same conditions); elsewhere both step per time step.
+the factored loop does what the stock layer's loop does: where Keras
+projects the input sequence in one matmul before stepping (GRU on JAX and
+torch, LSTM on torch), the LoRA layer does too, under the same conditions;
+elsewhere both project per time step.
 """
+
+import contextlib
 
 import keras
 
@@ -203,23 +206,23 @@ class _LoRALayerMixin:
             and not (training and self.cell.lora_dropout > 0)
         )
 
-    # Whether the stock layer's JAX backend projects the input sequence in
-    # one matmul before its scan (Keras' JAX `gru` does, on any device).
-    _stock_precomputes_on_jax = False
+    # The backends whose stock layer projects the input sequence in one
+    # matmul before stepping, on any device (Keras 3.15: GRU on JAX and
+    # torch, LSTM on torch; none on TensorFlow, none for SimpleRNN).
+    _stock_precomputes_on = ()
 
     def _precompute_inputs(self, training, mask):
         """Whether the factored loop projects the whole input sequence in
-        one matmul before stepping: exactly where the stock layer's own loop
-        does (Keras' JAX GRU: `reset_after`, no mask, no unroll, no
-        recurrent dropout), so a LoRA layer and its stock layer do equal
-        work on every backend; and not when input dropout or LoRA dropout
-        on the input kernel draws per-step masks."""
+        one matmul before stepping: where the stock layer's own loop does
+        (`_stock_precomputes_on`; GRU with `reset_after`; no mask, no
+        unroll, no recurrent dropout), so a LoRA layer and its stock layer
+        do equal work on every backend; and not when input dropout or LoRA
+        dropout on the input kernel draws per-step masks."""
         cell = self.cell
         return (
-            self._stock_precomputes_on_jax
-            and keras.backend.backend() == "jax"
+            keras.backend.backend() in self._stock_precomputes_on
             and getattr(self, "_use_cudnn", "auto") in ("auto", True)
-            and getattr(cell, "reset_after", False)
+            and getattr(cell, "reset_after", True)
             and mask is None
             and not self.unroll
             and not cell.recurrent_dropout
@@ -234,19 +237,23 @@ class _LoRALayerMixin:
 
     def _factored_loop(self, sequences, initial_state, mask, training):
         # Keras' own loop (masks, go_backwards, unroll) stepping the
-        # factored LoRA cell. The cell is swapped without Keras' attribute
-        # tracking: a view for this call only.
-        real_cell = self.cell
+        # factored LoRA cell.
         projected = self._precompute_inputs(training, mask)
         if projected:
-            sequences = real_cell.input_projection(sequences, training)
-        object.__setattr__(
-            self, "cell", _CellStep(real_cell, training, projected)
-        )
-        try:
+            sequences = self.cell.input_projection(sequences, training)
+        with self._cell_view(_CellStep(self.cell, training, projected)):
             return keras.layers.RNN.inner_loop(
                 self, sequences, initial_state, mask, training=training
             )
+
+    @contextlib.contextmanager
+    def _cell_view(self, view):
+        """`self.cell` reads as `view` for one call. Set without Keras'
+        attribute tracking: the view is never a weight-owning child."""
+        real_cell = self.cell
+        object.__setattr__(self, "cell", view)
+        try:
+            yield
         finally:
             object.__setattr__(self, "cell", real_cell)
 
@@ -264,16 +271,11 @@ class _LoRALayerMixin:
         if not self._fusable(training):
             return self._factored_loop(sequences, initial_state, mask, training)
         # The stock layer's own dispatch (cuDNN where it can, else its step
-        # loop) with the cell's kernels read as W + s*A@B. Set without
-        # Keras' attribute tracking: it is a view for this call only.
-        real_cell = self.cell
-        object.__setattr__(self, "cell", _EffectiveKernels(real_cell))
-        try:
+        # loop) with the cell's kernels read as W + s*A@B.
+        with self._cell_view(_EffectiveKernels(self.cell)):
             return self._keras_layer.inner_loop(
                 self, sequences, initial_state, mask, training=training
             )
-        finally:
-            object.__setattr__(self, "cell", real_cell)
 
     def get_config(self):
         config = self._keras_layer.get_config(self)
@@ -320,9 +322,9 @@ class LoRAGRU(_LoRALayerMixin, keras.layers.GRU):
     """`keras.layers.GRU` over a `LoRAGRUCell`, with the cuDNN path kept.
 
     On a GPU the effective kernel `W + s*A@B` goes to the backend's fused
-    GRU kernel once per call; elsewhere the factored LoRA step runs. On JAX,
-    where Keras' GRU projects the whole input sequence in one matmul before
-    its scan (unmasked, `reset_after`), this layer does the same.
+    GRU kernel once per call; elsewhere the factored LoRA step runs. On JAX
+    and torch, where Keras' GRU projects the whole input sequence in one
+    matmul before stepping (unmasked, `reset_after`), this layer does too.
 
     Example:
 
@@ -333,7 +335,7 @@ class LoRAGRU(_LoRALayerMixin, keras.layers.GRU):
 
     _keras_layer = keras.layers.GRU
     _lora_cell = cells.LoRAGRUCell
-    _stock_precomputes_on_jax = True
+    _stock_precomputes_on = ("jax", "torch")
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
@@ -351,6 +353,7 @@ class LoRALSTM(_LoRALayerMixin, keras.layers.LSTM):
 
     _keras_layer = keras.layers.LSTM
     _lora_cell = cells.LoRALSTMCell
+    _stock_precomputes_on = ("torch",)
 
 
 for _cls, _cell, _layer in (

@@ -338,24 +338,32 @@ def test_sequence_output_is_contiguous_on_torch(cls, merged):
         assert outputs.is_contiguous()
 
 
+# Where Keras' stock layer projects the unmasked input sequence in one
+# matmul before stepping (Keras 3.15's backend `gru`/`lstm` fallbacks).
+STOCK_PRECOMPUTES_ON = {
+    keras_rnn_lora.LoRASimpleRNN: (),
+    keras_rnn_lora.LoRAGRU: ("jax", "torch"),
+    keras_rnn_lora.LoRALSTM: ("torch",),
+}
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
-def test_gru_projects_the_whole_sequence_where_keras_jax_gru_does(
-    masked, monkeypatch
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_projects_the_whole_sequence_where_the_stock_layer_does(
+    cls, masked, monkeypatch
 ):
-    # Keras' JAX GRU projects the unmasked input sequence in one matmul
-    # before its scan; LoRAGRU does the same there and only there, with the
-    # same values as the step-by-step cell path.
-    layer, reference = pair(
-        keras_rnn_lora.LoRAGRU, lora_targets=("kernel", "recurrent")
-    )
+    # The LoRA layer and its stock layer do equal work on every backend;
+    # the one-matmul projection gives the step-by-step cell path's values.
+    layer, reference = pair(cls, lora_targets=("kernel", "recurrent"))
+    cell_cls = type(layer.cell)
     ranks = []
-    project = keras_rnn_lora.LoRAGRUCell.input_projection
+    project = cell_cls.input_projection
 
     def spy(self, inputs, training=False):
         ranks.append(len(inputs.shape))
         return project(self, inputs, training)
 
-    monkeypatch.setattr(keras_rnn_lora.LoRAGRUCell, "input_projection", spy)
+    monkeypatch.setattr(cell_cls, "input_projection", spy)
     x = x_batch(1)
     mask = (
         np.array([[1] * 5, [1, 1, 1, 0, 0], [1] * 5], bool) if masked else None
@@ -365,5 +373,7 @@ def test_gru_projects_the_whole_sequence_where_keras_jax_gru_does(
         to_numpy(reference(x, mask=mask)),
         atol=1e-5,
     )
-    whole_sequence = keras.backend.backend() == "jax" and not masked
+    whole_sequence = (
+        keras.backend.backend() in STOCK_PRECOMPUTES_ON[cls] and not masked
+    )
     assert (3 in ranks) == whole_sequence

@@ -8,16 +8,17 @@ networks of `lora_vs_full.py` and `decode_speed.py`:
   batch 16 x 20: `lora_vs_full.SIZES["paper"]`), `LoRAGRU` against the
   stock `GRU` with only one bias trainable: target <= 1.10;
 - bfloat16 frozen base / float32 full step, default size: target <= 0.45
-  on TensorFlow; on torch and JAX, below the float32 LoRA step's ratio;
+  on TensorFlow; on torch, below the float32 LoRA step's ratio; no target
+  on JAX;
 - merged LoRA model / stock model, inference: target <= 1.02;
 - greedy decoding of one sentence (`compiled_decoder`, default translator,
   vocabulary 8,000, 20 steps), sentences/s: target >= 30;
 - torch only: our `LoRASimpleRNN` model / the paper's own PyTorch loop on
   the same Elman work (`lora_vs_full.paper_torch_loop`): target <= 1.00.
 
-    KERAS_BACKEND=torch python benchmarks/speed_targets.py [--rounds 5]
+    KERAS_BACKEND=torch python benchmarks/speed_targets.py [--rounds 9]
 
-About 5-10 minutes per backend on a 2-core CPU. Writes
+About 1-2 minutes per backend on a 2-core CPU. Writes
 benchmarks/results/speed_targets_<backend>.json; a Markdown table last.
 """
 
@@ -88,19 +89,16 @@ def measure(backend, rounds):
         "<=",
         1.10,
     )
-    bf16 = base.ratio(times, "lora_bf16", "full")
-    if backend == "tensorflow":
-        rows["default size: bfloat16 base / float32 full step"] = (
-            bf16,
-            "<=",
-            0.45,
-        )
-    else:
-        rows["default size: bfloat16 base / float32 full step"] = (
-            bf16,
-            "<",
-            round(lora_over_full["median"], 3),
-        )
+    # The issue's targets: TensorFlow <= 0.45; torch below the float32 LoRA
+    # step (or a refusal/warning); none set for JAX, reported as measured.
+    bf16_target = {
+        "tensorflow": ("<=", 0.45),
+        "torch": ("<", round(lora_over_full["median"], 3)),
+    }.get(backend, (None, None))
+    rows["default size: bfloat16 base / float32 full step"] = (
+        base.ratio(times, "lora_bf16", "full"),
+        *bf16_target,
+    )
     rows["default size: float32 LoRA step / full step"] = (
         lora_over_full,
         None,
@@ -134,7 +132,7 @@ def met(value, op, target):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     import keras
 

@@ -170,16 +170,24 @@ def timed_step(model, x, y):
     return time.perf_counter() - start
 
 
-def step_ratios(size, rounds):
-    models = {mode: build(mode, size) for mode in MODES}
-    x, y = batch(size)
-    for model in models.values():  # warm-up: trace and compile
+def interleaved_times(models, x, y, rounds):
+    """Step seconds per mode: two warm-up steps each (trace, compile), then
+    `rounds` rounds of one step per mode, the order rotated every round."""
+    for model in models.values():
         for _ in range(2):
             timed_step(model, x, y)
-    times = {mode: [] for mode in MODES}
-    for _ in range(rounds):
-        for mode, model in models.items():
-            times[mode].append(timed_step(model, x, y))
+    modes = tuple(models)
+    times = {mode: [] for mode in modes}
+    for r in range(rounds):
+        shift = r % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            times[mode].append(timed_step(models[mode], x, y))
+    return times
+
+
+def step_ratios(size, rounds):
+    models = {mode: build(mode, size) for mode in MODES}
+    times = interleaved_times(models, *batch(size), rounds)
     params = {
         mode: sum(int(np.prod(w.shape)) for w in m.trainable_weights)
         for mode, m in models.items()

@@ -33,14 +33,7 @@ def measure(units, rounds):
     size = base.SCALING[units]
     x, y = base.batch(size)
     models = {mode: base.build(mode, size) for mode in MODES}
-    for model in models.values():  # warm-up: trace and compile
-        for _ in range(2):
-            model.train_on_batch(x, y)
-    times = {mode: [] for mode in MODES}
-    for r in range(rounds):
-        shift = r % len(MODES)
-        for mode in MODES[shift:] + MODES[:shift]:
-            times[mode].append(base.timed_step(models[mode], x, y))
+    times = base.interleaved_times(models, x, y, rounds)
     del models
     memory = {mode: base.peak_memory(mode, f"hidden{units}") for mode in MODES}
     return {

@@ -35,18 +35,9 @@ RESULTS = base.RESULTS
 
 
 def interleaved_ratios(size, modes, rounds):
-    """Per-mode step times, modes rotated round by round after warm-up."""
+    """Per-mode step times on `size`, `lora_vs_full.interleaved_times`."""
     models = {mode: base.build(mode, size) for mode in modes}
-    x, y = base.batch(size)
-    for model in models.values():
-        for _ in range(2):
-            base.timed_step(model, x, y)
-    times = {mode: [] for mode in modes}
-    for r in range(rounds):
-        shift = r % len(modes)
-        for mode in modes[shift:] + modes[:shift]:
-            times[mode].append(base.timed_step(models[mode], x, y))
-    return times
+    return base.interleaved_times(models, *base.batch(size), rounds)
 
 
 def greedy_batch_one(rounds, steps=20):

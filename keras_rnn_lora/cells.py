@@ -196,9 +196,10 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
 
         Works on one step `(batch, features)` or a whole sequence
         `(batch, time, features)`; the whole-sequence form is one large
-        matmul instead of one per step (what the layers use on JAX, as
-        Keras' own JAX GRU and LSTM do). Input dropout draws its mask from
-        the step shape, so the layers precompute only without it.
+        matmul instead of one per step, which the LoRA layers use where
+        Keras' stock layer does the same (GRU on JAX and torch, LSTM on
+        torch). Input dropout draws its mask from the step shape, so the
+        layers precompute only without it.
         """
         xs = self._dropped_inputs(
             inputs, self.get_dropout_mask, self.dropout, training

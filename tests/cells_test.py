@@ -70,6 +70,35 @@ def test_matches_stock_cell_with_merged_kernel(cls, kwargs, targets):
     assert_all_close(outputs(rnn, x), outputs(twin, x))
 
 
+@pytest.mark.parametrize("cls,kwargs", CELL_CONFIGS, ids=CONFIG_IDS)
+def test_step_is_input_projection_then_recurrent_step(cls, kwargs):
+    # `input_projection` of a whole sequence is the per-step projections
+    # stacked; `recurrent_step` over it gives `call`'s output and state.
+    cell = make_cell(cls, lora_targets=("kernel", "recurrent"), **kwargs)
+    built_rnn(cell)
+    randomize_lora(cell)
+    x = keras.ops.convert_to_tensor(sequences(1))
+    whole = cell.input_projection(x)
+    assert tuple(whole.shape) == (BATCH, STEPS, cell._gates * UNITS)
+    for t in range(STEPS):
+        np.testing.assert_allclose(
+            to_numpy(whole[:, t]),
+            to_numpy(cell.input_projection(x[:, t])),
+            atol=1e-5,
+        )
+    state = keras.ops.full((BATCH, UNITS), 0.3)
+    states = [state] * len(keras.tree.flatten(cell.state_size))
+    assert_all_close(
+        [to_numpy(t) for t in keras.tree.flatten(cell(x[:, 0], states))],
+        [
+            to_numpy(t)
+            for t in keras.tree.flatten(
+                cell.recurrent_step(whole[:, 0], states)
+            )
+        ],
+    )
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_scaling_rule(use_rslora):
     cell = make_cell(LoRAGRUCell, rank=4, lora_alpha=2.0, use_rslora=use_rslora)

@@ -111,7 +111,7 @@ class _CellStep:
     `Layer.__call__`, whose per-step bookkeeping (already done once by the
     layer's own call: dtype policy, autocast scope, training flag) is pure
     overhead per time step on torch's eager loop (the paper's Elman step:
-    ours / the paper's loop 1.33 -> 1.15, `torch.profiler`)."""
+    ours / the paper's loop 1.33 -> 1.15, timed A B)."""
 
     def __init__(self, cell, training, projected):
         self._cell = cell

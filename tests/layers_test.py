@@ -377,3 +377,20 @@ def test_projects_the_whole_sequence_where_the_stock_layer_does(
         keras.backend.backend() in STOCK_PRECOMPUTES_ON[cls] and not masked
     )
     assert (3 in ranks) == whole_sequence
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_mixed_precision_matches_the_cell_path(cls):
+    # The layers step the cell without `Layer.__call__`: under a mixed
+    # policy the step still computes in bfloat16 from float32 variables.
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer, reference = pair(cls, lora_targets=("kernel", "recurrent"))
+    x = x_batch(1)
+    outputs, expected = layer(x), reference(x)
+    assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+    np.testing.assert_allclose(
+        to_numpy(keras.ops.cast(outputs, "float32")),
+        to_numpy(keras.ops.cast(expected, "float32")),
+        atol=2e-2,
+    )
+    assert all(w.dtype == "float32" for w in layer.cell.lora_weights)

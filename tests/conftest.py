@@ -1,6 +1,9 @@
 """Shared test helpers: backend-neutral gradients, stock twins, fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -10,6 +13,32 @@ import keras_rnn_lora
 from keras_rnn_lora.lora import LORA_CONFIG_KEYS
 
 BACKEND = keras.backend.backend()
+
+
+def _share_jax_compilations():
+    """On JAX, most of the suite's time is XLA compiling the same functions
+    again: every test builds fresh models, and every run of the main job
+    compiles its training step in each of its job processes. A persistent
+    compilation cache for this session (passed to subprocesses through the
+    environment) turns a repeat compilation into a load; same program, same
+    executable. A cache the user configured is kept; this one is removed
+    when the session ends."""
+    if BACKEND != "jax" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import jax
+
+    directory = tempfile.mkdtemp(prefix="keras-rnn-lora-jax-cache-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    settings = {
+        "jax_compilation_cache_dir": directory,
+        "jax_persistent_cache_min_compile_time_secs": 0,
+    }
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)
+
+
+_share_jax_compilations()
 
 STOCK_CELLS = {
     keras_rnn_lora.LoRASimpleRNNCell: keras.layers.SimpleRNNCell,

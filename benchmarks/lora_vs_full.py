@@ -41,15 +41,16 @@ and 20 steps to fit a CPU run.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 
+from keras_rnn_lora import measurement
 from keras_rnn_lora.measurement import PeakMemory
 from keras_rnn_lora.measurement import ratio_summary
 
@@ -83,6 +84,7 @@ MODES = (
     "lora_bf16",
 )
 RANK = 8
+INFERENCE_CALLS = 5  # forward passes per timed sample
 
 
 def build(mode, size, seed=0):
@@ -164,25 +166,15 @@ def batch(size, seed=1):
     return x, y
 
 
-def timed_step(model, x, y):
-    start = time.perf_counter()
-    model.train_on_batch(x, y)
-    return time.perf_counter() - start
-
-
 def interleaved_times(models, x, y, rounds):
-    """Step seconds per mode: two warm-up steps each (trace, compile), then
-    `rounds` rounds of one step per mode, the order rotated every round."""
-    for model in models.values():
-        for _ in range(2):
-            timed_step(model, x, y)
-    modes = tuple(models)
-    times = {mode: [] for mode in modes}
-    for r in range(rounds):
-        shift = r % len(modes)
-        for mode in modes[shift:] + modes[:shift]:
-            times[mode].append(timed_step(models[mode], x, y))
-    return times
+    """Training-step seconds per mode: `measurement.interleaved_times` (two
+    warm-up steps each, then one step per mode a round, the order rotated
+    every round)."""
+    steps = {
+        mode: functools.partial(model.train_on_batch, x, y)
+        for mode, model in models.items()
+    }
+    return measurement.interleaved_times(steps, rounds)
 
 
 def step_ratios(size, rounds):
@@ -209,15 +201,19 @@ def inference_ratio(size, rounds):
     lora_model = build("lora", size)
     keras_rnn_lora.merge_lora(lora_model)
     x, _ = batch(size)
-    models = {"merged": lora_model, "base": base}
-    for m in models.values():
-        m.predict_on_batch(x)
-    times = {k: [] for k in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            start = time.perf_counter()
-            m.predict_on_batch(x)
-            times[name].append(time.perf_counter() - start)
+
+    def predict(model):
+        # A few forward passes a sample: one is a few ms, the scale of the
+        # machine's noise.
+        def run():
+            for _ in range(INFERENCE_CALLS):
+                model.predict_on_batch(x)
+
+        return run
+
+    times = measurement.interleaved_times(
+        {"merged": predict(lora_model), "base": predict(base)}, rounds
+    )
     return ratio(times, "merged", "base")
 
 
@@ -357,15 +353,7 @@ def paper_torch_loop(rounds):
             keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         ),
     }
-    for fn in steps_fns.values():
-        fn()
-        fn()
-    times = {name: [] for name in steps_fns}
-    for _ in range(rounds):
-        for name, fn in steps_fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = measurement.interleaved_times(steps_fns, rounds)
     return {
         "ours / paper torch loop": ratio(times, "ours", "paper"),
         "ours with Keras' 3D loss / paper torch loop": ratio(

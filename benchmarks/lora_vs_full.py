@@ -259,6 +259,20 @@ def measure_peak(mode, size_name, steps):
 
 def paper_torch_loop(rounds):
     """The paper's PyTorch LoRA Elman RNN vs our LoRASimpleRNN, same work."""
+    times = measurement.interleaved_times(paper_loop_steps(), rounds)
+    return {
+        "ours / paper torch loop": ratio(times, "ours", "paper"),
+        "ours with Keras' 3D loss / paper torch loop": ratio(
+            times, "ours_keras_3d_loss", "paper"
+        ),
+    }
+
+
+def paper_loop_steps():
+    """Training-step functions of the paper's PyTorch LoRA Elman RNN
+    (`paper`) and of our `LoRASimpleRNN` model on the same work (`ours`,
+    the loss on flattened logits as the paper computes it;
+    `ours_keras_3d_loss`, Keras' loss on 3D logits). Torch backend only."""
     import keras
     import torch
 
@@ -344,20 +358,13 @@ def paper_torch_loop(rounds):
         return lambda: model.train_on_batch(x, y)
 
     x, y = x.astype("int32"), y.astype("int32")
-    steps_fns = {
+    return {
         "paper": paper_step,
         "ours": ours(flat_cross_entropy),
         # Keras' loss on 3D logits: on torch it moves the class axis to 1
         # and takes the log-softmax over strided memory.
         "ours_keras_3d_loss": ours(
             keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        ),
-    }
-    times = measurement.interleaved_times(steps_fns, rounds)
-    return {
-        "ours / paper torch loop": ratio(times, "ours", "paper"),
-        "ours with Keras' 3D loss / paper torch loop": ratio(
-            times, "ours_keras_3d_loss", "paper"
         ),
     }
 

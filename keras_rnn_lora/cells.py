@@ -10,6 +10,8 @@ backward pass never forms a full-size gradient for the frozen kernel. Merge
 state and saving live in `merging.py`, LoRA dropout in `lora_dropout.py`.
 """
 
+import inspect
+
 import keras
 import numpy as np
 from keras import initializers
@@ -46,6 +48,35 @@ _LORA_ARGS_DOC = """
         lora_merged: bool, default `False`. Whether the cell starts merged
             (set by `get_config` so the merged state survives saving).
 """
+
+
+def stock_cell_arguments(cell):
+    """The constructor arguments that rebuild the stock Keras `cell`.
+
+    Read from the attributes that Keras' cells keep under their argument
+    names, not from `cell.get_config()`: Keras' serializer imports
+    TensorFlow on every backend (+3 s and +480 MB on torch), too much for
+    constructing a layer. A cell with an argument not kept as an attribute
+    (a subclass's own) falls back to `get_config()`.
+    """
+    parameters = inspect.signature(type(cell).__init__).parameters
+    names = [
+        name
+        for name, parameter in parameters.items()
+        if name != "self"
+        and parameter.kind
+        not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
+    if all(hasattr(cell, name) for name in names):
+        arguments = {name: getattr(cell, name) for name in names}
+        arguments.update(
+            name=cell.name, trainable=cell.trainable, dtype=cell.dtype_policy
+        )
+    else:
+        arguments = cell.get_config()
+    if hasattr(cell, "implementation"):  # not in Keras' cell config
+        arguments["implementation"] = cell.implementation
+    return arguments
 
 
 def _lora_docstring(cls):
@@ -260,10 +291,8 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
                 f"keras.layers.{cls._keras_cell.__name__}. "
                 f"Received: cell={type(cell).__name__}"
             )
-        config = cell.get_config()
-        if hasattr(cell, "implementation"):  # not in Keras' cell config
-            config["implementation"] = cell.implementation
-        lora_cell = cls(rank=rank, **config, **lora_kwargs)
+        arguments = stock_cell_arguments(cell)
+        lora_cell = cls(rank=rank, **arguments, **lora_kwargs)
         if cell.built:
             lora_cell.build((None, cell.kernel.shape[0]))
             for name in ("kernel", "recurrent_kernel", "bias"):

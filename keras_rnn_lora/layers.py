@@ -138,12 +138,11 @@ class _LoRALayerMixin:
             if key in kwargs and key != "rank"
         }
         # A throwaway stock layer validates every stock argument with Keras'
-        # own messages and gives the cell's full configuration.
+        # own messages and gives the cell's full set of arguments.
         stock = self._keras_layer(units, **kwargs)
-        cell_config = stock.cell.get_config()
-        if hasattr(stock.cell, "implementation"):  # not in Keras' config
-            cell_config["implementation"] = stock.cell.implementation
-        cell = self._lora_cell(rank=rank, **lora_kwargs, **cell_config)
+        cell = self._lora_cell(
+            rank=rank, **lora_kwargs, **cells.stock_cell_arguments(stock.cell)
+        )
         keras.layers.RNN.__init__(
             self,
             cell,

@@ -6,6 +6,7 @@ the cells, the layers and the model-level functions alike.
 """
 
 import dataclasses
+import json
 import math
 import numbers
 
@@ -107,7 +108,38 @@ def validate_initializer(name, value):
         raise _invalid(name, "a Keras initializer", value) from None
 
 
-@dataclasses.dataclass(frozen=True)
+def new_initializer(identifier):
+    """A Keras initializer of its own for `identifier` (a name, a config
+    dict or an initializer object).
+
+    An initializer object is cloned: an unseeded Keras initializer draws a
+    seed once, at construction, so one object shared by several factors
+    would give them all the same values.
+    """
+    initializer = initializers.get(identifier)
+    if initializer is identifier and isinstance(
+        initializer, initializers.Initializer
+    ):
+        initializer = initializer.clone()
+    return initializer
+
+
+def _initializer_key(identifier):
+    """What makes two initializer identifiers the same initializer: its
+    class and configuration. Read from `get_config` rather than Keras'
+    serializer, which imports TensorFlow on every backend."""
+    initializer = initializers.get(identifier)
+    if not isinstance(initializer, initializers.Initializer):
+        return initializer  # a plain function: itself
+    config = json.dumps(initializer.get_config(), sort_keys=True, default=repr)
+    return type(initializer), config
+
+
+#: The `LoRAConfig` fields that hold initializers.
+_INITIALIZER_FIELDS = ("lora_a_initializer", "lora_b_initializer")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class LoRAConfig:
     """The settings of a LoRA adapter, validated once.
 
@@ -151,13 +183,33 @@ class LoRAConfig:
             "lora_dropout": validate_lora_dropout(self.lora_dropout),
             "lora_targets": validate_lora_targets(self.lora_targets),
         }
-        for name in ("lora_a_initializer", "lora_b_initializer"):
-            # Stored serialized: one spelling per initializer, so configs
-            # compare equal however they were written.
-            initializer = validate_initializer(name, getattr(self, name))
-            values[name] = initializers.serialize(initializer)
+        for name in _INITIALIZER_FIELDS:
+            # Stored as written (a name, a config dict or an object): Keras'
+            # serializer imports TensorFlow, which a torch or JAX user should
+            # not pay for at construction. Equality compares what they mean.
+            validate_initializer(name, getattr(self, name))
         for key, value in values.items():
             object.__setattr__(self, key, value)
+
+    def _key(self):
+        return tuple(
+            _initializer_key(value) if name in _INITIALIZER_FIELDS else value
+            for name, value in self._items()
+        )
+
+    def __eq__(self, other):
+        if not isinstance(other, LoRAConfig):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def _items(self):
+        return [
+            (field.name, getattr(self, field.name))
+            for field in dataclasses.fields(self)
+        ]
 
     @property
     def scaling(self):
@@ -166,8 +218,14 @@ class LoRAConfig:
 
     def to_dict(self):
         """The settings as keyword arguments (JSON-serializable)."""
-        config = dataclasses.asdict(self)
+        config = dict(self._items())
         config["lora_targets"] = list(self.lora_targets)
+        for name in _INITIALIZER_FIELDS:
+            value = config[name]
+            if isinstance(value, dict):
+                config[name] = json.loads(json.dumps(value))
+            elif not isinstance(value, str):
+                config[name] = initializers.serialize(value)
         return config
 
     def replace(self, **changes):
@@ -203,14 +261,14 @@ def add_lora_factors(layer, prefix, input_dim, output_dim, config):
     a = layer.add_weight(
         name=f"{prefix}_a",
         shape=(input_dim, config.rank),
-        initializer=initializers.get(config.lora_a_initializer),
+        initializer=new_initializer(config.lora_a_initializer),
         dtype="float32",
         autocast=False,
     )
     b = layer.add_weight(
         name=f"{prefix}_b",
         shape=(config.rank, output_dim),
-        initializer=initializers.get(config.lora_b_initializer),
+        initializer=new_initializer(config.lora_b_initializer),
         dtype="float32",
         autocast=False,
     )

@@ -22,7 +22,6 @@ applying the delta twice or dropping it.
 
 import keras
 import numpy as np
-from keras import initializers
 
 from keras_rnn_lora import lora
 
@@ -42,8 +41,8 @@ class MergeableLoRA:
         self.use_rslora = config.use_rslora
         self.lora_dropout = config.lora_dropout
         self.lora_targets = config.lora_targets
-        self.lora_a_initializer = initializers.get(config.lora_a_initializer)
-        self.lora_b_initializer = initializers.get(config.lora_b_initializer)
+        for name in ("lora_a_initializer", "lora_b_initializer"):
+            setattr(self, name, lora.new_initializer(getattr(config, name)))
         self.scaling = config.scaling
         self._lora_merged = bool(lora_merged)
         # Target -> NumPy copy of the kernel before `merge_lora`, so that

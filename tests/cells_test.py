@@ -12,6 +12,7 @@ from conftest import to_numpy
 from keras_rnn_lora import LoRAGRUCell
 from keras_rnn_lora import LoRALSTMCell
 from keras_rnn_lora import LoRASimpleRNNCell
+from keras_rnn_lora import cells
 
 CELLS = [LoRASimpleRNNCell, LoRAGRUCell, LoRALSTMCell]
 TARGETS = [("recurrent",), ("kernel",), ("kernel", "recurrent")]
@@ -423,6 +424,41 @@ def test_from_cell_carries_config_and_copies_weights(cls):
     np.testing.assert_array_equal(to_numpy(stock.kernel), stock_kernel)
     unbuilt = cls.from_cell(stock_cls(UNITS), rank=1)
     assert not unbuilt.built and unbuilt.rank == 1
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_stock_cell_arguments_rebuild_the_stock_cell(cls):
+    """Read from attributes (no serializer), they must say everything the
+    cell's own config says, for every argument a stock cell takes."""
+    stock_cls = cls._keras_cell
+    stock = stock_cls(
+        UNITS,
+        activation="relu",
+        kernel_initializer=keras.initializers.Orthogonal(gain=2.0, seed=1),
+        kernel_regularizer="l2",
+        recurrent_constraint="non_neg",
+        use_bias=False,
+        dropout=0.25,
+        recurrent_dropout=0.5,
+        seed=7,
+        dtype="mixed_bfloat16",
+        trainable=False,
+        name="encoder_cell",
+    )
+    arguments = cells.stock_cell_arguments(stock)
+    assert stock_cls(**arguments).get_config() == stock.get_config()
+    lora_config = cls(rank=2, **arguments).get_config()
+    assert {k: lora_config[k] for k in stock.get_config()} == (
+        stock.get_config()
+    )
+
+    class Subclass(stock_cls):  # an argument not kept as an attribute
+        def __init__(self, units, extra=1, **kwargs):
+            super().__init__(units, **kwargs)
+
+    subclassed = Subclass(UNITS, extra=3, dropout=0.5)
+    arguments = cells.stock_cell_arguments(subclassed)
+    assert Subclass(**arguments).get_config() == subclassed.get_config()
 
 
 def test_from_cell_rejects_wrong_cells():

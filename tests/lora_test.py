@@ -1,8 +1,11 @@
 """Tests for LoRAConfig and the shared LoRA math (keras_rnn_lora/lora.py)."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
+from conftest import to_numpy
 
 import keras_rnn_lora
 from keras_rnn_lora import LoRAConfig
@@ -57,6 +60,44 @@ def test_config_is_what_cells_layers_and_enable_lora_take():
         keras_rnn_lora.enable_lora(model, config={"rank": 2})
     with pytest.raises(ValueError, match="pass `rank`"):
         keras_rnn_lora.enable_lora(model)
+
+
+def test_config_initializers_compare_by_meaning_and_serialize():
+    spellings = [
+        "he_uniform",
+        "HeUniform",
+        {"class_name": "HeUniform", "config": {"seed": None}},
+        keras.initializers.HeUniform(),
+    ]
+    configs = [LoRAConfig(2, lora_a_initializer=s) for s in spellings]
+    assert all(c == configs[0] for c in configs)
+    assert len({hash(c) for c in configs}) == 1
+    assert configs[0] != LoRAConfig(2, lora_a_initializer="glorot_uniform")
+    seeded = keras.initializers.HeUniform(seed=3)
+    assert configs[0] != LoRAConfig(2, lora_a_initializer=seeded)
+    for config in configs:  # keyword arguments that survive JSON
+        rebuilt = LoRAConfig(**json.loads(json.dumps(config.to_dict())))
+        assert rebuilt == config
+
+
+def test_one_initializer_object_gives_every_factor_its_own_values():
+    """An unseeded Keras initializer draws its seed once: shared as it is
+    by both targets, A of the input and of the recurrent kernel would
+    start equal."""
+    cell = keras_rnn_lora.LoRASimpleRNNCell(
+        4,
+        rank=4,
+        lora_targets=("kernel", "recurrent"),
+        lora_a_initializer=keras.initializers.RandomNormal(),
+    )
+    cell.build((None, 4))
+    kernel_a, _, recurrent_a, _ = (to_numpy(w) for w in cell.lora_weights)
+    assert not np.allclose(kernel_a, recurrent_a)
+    seeded = keras.initializers.RandomNormal(seed=5)
+    first, second = (
+        lora.new_initializer(seeded)((3, 3)) for _ in range(2)
+    )  # a seed given is a seed kept
+    np.testing.assert_array_equal(to_numpy(first), to_numpy(second))
 
 
 def test_merged_kernel_refuses_non_finite_results():

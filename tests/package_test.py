@@ -31,12 +31,24 @@ def imported_modules(statement):
         "import keras_rnn_lora",
         "from keras_rnn_lora import translation",
         "from keras_rnn_lora.translation import decoding, evaluation, model",
+        # Using it: LoRA cells and layers built, called and merged.
+        "import keras, numpy as np, keras_rnn_lora as k\n"
+        "x = np.zeros((2, 3, 5), 'float32')\n"
+        "for cell in (k.LoRASimpleRNNCell, k.LoRAGRUCell, k.LoRALSTMCell):\n"
+        "    keras.layers.RNN(cell(4, rank=2, lora_targets='kernel'))(x)\n"
+        "init = keras.initializers.GlorotUniform()\n"
+        "for layer_class in (k.LoRAGRU, k.LoRALSTM, k.LoRASimpleRNN):\n"
+        "    layer = layer_class(4, rank=2, lora_b_initializer=init)\n"
+        "    layer(x)\n"
+        "    layer.merge_lora(reset=True)\n",
     ],
 )
 def test_the_lora_library_imports_no_tensorflow(statement):
-    """The LoRA library is Keras and NumPy; the translation application's
-    Keras-only modules too. (On the TensorFlow backend Keras itself imports
-    TensorFlow, so the check runs on the other backends.)"""
+    """The LoRA library is Keras and NumPy, to import and to use (saving
+    goes through Keras' serializer, which imports TensorFlow where it is
+    installed); the translation application's Keras-only modules too. (On
+    the TensorFlow backend Keras itself imports TensorFlow, so the check
+    runs on the other backends.)"""
     if keras.backend.backend() == "tensorflow":
         pytest.skip("Keras' TensorFlow backend imports TensorFlow itself")
     modules = imported_modules(statement)

@@ -130,7 +130,8 @@ def _initializer_key(identifier):
     serializer, which imports TensorFlow on every backend."""
     initializer = initializers.get(identifier)
     if not isinstance(initializer, initializers.Initializer):
-        return initializer  # a plain function: itself
+        # A plain function, or an array of values: the very object.
+        return "identity", id(identifier)
     config = json.dumps(initializer.get_config(), sort_keys=True, default=repr)
     return type(initializer), config
 

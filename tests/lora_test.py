@@ -75,6 +75,14 @@ def test_config_initializers_compare_by_meaning_and_serialize():
     assert configs[0] != LoRAConfig(2, lora_a_initializer="glorot_uniform")
     seeded = keras.initializers.HeUniform(seed=3)
     assert configs[0] != LoRAConfig(2, lora_a_initializer=seeded)
+
+    def zeros(shape, dtype=None):  # a plain function: equal to itself only
+        return keras.ops.zeros(shape, dtype)
+
+    assert LoRAConfig(2, lora_b_initializer=zeros) == LoRAConfig(
+        2, lora_b_initializer=zeros
+    )
+    assert LoRAConfig(2, lora_b_initializer=zeros) != LoRAConfig(2)
     for config in configs:  # keyword arguments that survive JSON
         rebuilt = LoRAConfig(**json.loads(json.dumps(config.to_dict())))
         assert rebuilt == config

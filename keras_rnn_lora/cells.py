@@ -55,9 +55,10 @@ def stock_cell_arguments(cell):
 
     Read from the attributes that Keras' cells keep under their argument
     names, not from `cell.get_config()`: Keras' serializer imports
-    TensorFlow on every backend (+3 s and +480 MB on torch), too much for
-    constructing a layer. A cell with an argument not kept as an attribute
-    (a subclass's own) falls back to `get_config()`.
+    TensorFlow on every backend (+1.4 s and +460 MB on a cold start on
+    torch, `benchmarks/cold_start.py`), too much for constructing a layer.
+    A cell with an argument not kept as an attribute (a subclass's own)
+    falls back to `get_config()`.
     """
     parameters = inspect.signature(type(cell).__init__).parameters
     names = [

@@ -5,6 +5,7 @@ Everything here is backend-agnostic (`keras.ops` and NumPy) and shared by
 the cells, the layers and the model-level functions alike.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -188,7 +189,10 @@ class LoRAConfig:
             # Stored as written (a name, a config dict or an object): Keras'
             # serializer imports TensorFlow, which a torch or JAX user should
             # not pay for at construction. Equality compares what they mean.
-            validate_initializer(name, getattr(self, name))
+            value = getattr(self, name)
+            validate_initializer(name, value)
+            if isinstance(value, dict):  # the caller's dict may change later
+                values[name] = copy.deepcopy(value)
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
@@ -224,7 +228,7 @@ class LoRAConfig:
         for name in _INITIALIZER_FIELDS:
             value = config[name]
             if isinstance(value, dict):
-                config[name] = json.loads(json.dumps(value))
+                config[name] = copy.deepcopy(value)
             elif not isinstance(value, str):
                 config[name] = initializers.serialize(value)
         return config

@@ -83,6 +83,10 @@ def test_config_initializers_compare_by_meaning_and_serialize():
         2, lora_b_initializer=zeros
     )
     assert LoRAConfig(2, lora_b_initializer=zeros) != LoRAConfig(2)
+    spec = {"class_name": "HeUniform", "config": {"seed": None}}
+    kept = LoRAConfig(2, lora_a_initializer=spec)
+    spec["class_name"] = "Zeros"  # the caller's dict, changed afterwards
+    assert kept == configs[0]
     for config in configs:  # keyword arguments that survive JSON
         rebuilt = LoRAConfig(**json.loads(json.dumps(config.to_dict())))
         assert rebuilt == config

@@ -264,7 +264,7 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
             **self.lora_config.to_dict(),
             "lora_merged": self._lora_merged,
         }
-        for name in ("lora_a_initializer", "lora_b_initializer"):
+        for name in lora.INITIALIZER_FIELDS:
             config[name] = initializers.serialize(getattr(self, name))
         if hasattr(self, "implementation"):  # Keras' cells drop it
             config["implementation"] = self.implementation

@@ -138,7 +138,7 @@ def _initializer_key(identifier):
 
 
 #: The `LoRAConfig` fields that hold initializers.
-_INITIALIZER_FIELDS = ("lora_a_initializer", "lora_b_initializer")
+INITIALIZER_FIELDS = ("lora_a_initializer", "lora_b_initializer")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,7 +185,7 @@ class LoRAConfig:
             "lora_dropout": validate_lora_dropout(self.lora_dropout),
             "lora_targets": validate_lora_targets(self.lora_targets),
         }
-        for name in _INITIALIZER_FIELDS:
+        for name in INITIALIZER_FIELDS:
             # Stored as written (a name, a config dict or an object): Keras'
             # serializer imports TensorFlow, which a torch or JAX user should
             # not pay for at construction. Equality compares what they mean.
@@ -198,7 +198,7 @@ class LoRAConfig:
 
     def _key(self):
         return tuple(
-            _initializer_key(value) if name in _INITIALIZER_FIELDS else value
+            _initializer_key(value) if name in INITIALIZER_FIELDS else value
             for name, value in self._items()
         )
 
@@ -225,7 +225,7 @@ class LoRAConfig:
         """The settings as keyword arguments (JSON-serializable)."""
         config = dict(self._items())
         config["lora_targets"] = list(self.lora_targets)
-        for name in _INITIALIZER_FIELDS:
+        for name in INITIALIZER_FIELDS:
             value = config[name]
             if isinstance(value, dict):
                 config[name] = copy.deepcopy(value)

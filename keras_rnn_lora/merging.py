@@ -41,7 +41,7 @@ class MergeableLoRA:
         self.use_rslora = config.use_rslora
         self.lora_dropout = config.lora_dropout
         self.lora_targets = config.lora_targets
-        for name in ("lora_a_initializer", "lora_b_initializer"):
+        for name in lora.INITIALIZER_FIELDS:
             setattr(self, name, lora.new_initializer(getattr(config, name)))
         self.scaling = config.scaling
         self._lora_merged = bool(lora_merged)

@@ -83,6 +83,8 @@ def test_config_initializers_compare_by_meaning_and_serialize():
         2, lora_b_initializer=zeros
     )
     assert LoRAConfig(2, lora_b_initializer=zeros) != LoRAConfig(2)
+    values = LoRAConfig(2, lora_b_initializer=np.zeros((2, 4), "float32"))
+    assert values == values and hash(values) == hash(values)
     spec = {"class_name": "HeUniform", "config": {"seed": None}}
     kept = LoRAConfig(2, lora_a_initializer=spec)
     spec["class_name"] = "Zeros"  # the caller's dict, changed afterwards

@@ -17,9 +17,9 @@ About half a minute per backend on a 2-core CPU.
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
+
+from keras_rnn_lora.measurement import in_fresh_process
+from keras_rnn_lora.measurement import summary
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -29,43 +29,19 @@ LAYERS = {
 }
 
 SCRIPT = """
-import json, resource, sys, time
+import resource, sys, time
 start = time.perf_counter()
 import keras, numpy as np
 import keras_rnn_lora
+from keras_rnn_lora.measurement import report
 layer = {layer}
 layer(np.zeros((2, 5, 8), "float32"))
-print("RESULT" + json.dumps({{
+report({{
     "seconds": time.perf_counter() - start,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "tensorflow_imported": "tensorflow" in sys.modules,
-}}))
+}})
 """
-
-
-def cold_start(layer):
-    """One fresh process: import, build and call `layer` once."""
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(layer=layer)],
-        capture_output=True,
-        text=True,
-        env=os.environ,
-        timeout=300,
-    )
-    lines = [
-        line for line in result.stdout.splitlines() if line.startswith("RESULT")
-    ]
-    if not lines:
-        raise RuntimeError(f"{layer}: {result.stderr[-2000:]}")
-    return json.loads(lines[0][len("RESULT") :])
-
-
-def summary(values):
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-    }
 
 
 def main():
@@ -76,11 +52,11 @@ def main():
     runs = {name: [] for name in LAYERS}
     for _ in range(args.rounds):
         for name, layer in LAYERS.items():
-            runs[name].append(cold_start(layer))
+            runs[name].append(in_fresh_process(SCRIPT.format(layer=layer)))
     results = {
         name: {
-            "seconds": summary([r["seconds"] for r in values]),
-            "peak_rss_mb": summary([r["peak_rss_mb"] for r in values]),
+            "seconds": summary(r["seconds"] for r in values),
+            "peak_rss_mb": summary(r["peak_rss_mb"] for r in values),
             "tensorflow_imported": any(
                 r["tensorflow_imported"] for r in values
             ),

@@ -45,8 +45,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import numpy as np
 
@@ -220,31 +218,14 @@ def inference_ratio(size, rounds):
 def peak_memory(mode, size_name, steps=3):
     """Runs `steps` training steps of one mode in a fresh process."""
     script = (
-        "import sys, json; sys.path.insert(0, sys.argv[1])\n"
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
         "import lora_vs_full as b\n"
-        "print('PEAK', json.dumps(b.measure_peak(sys.argv[2], sys.argv[3],"
-        f" {steps})))\n"
+        "from keras_rnn_lora.measurement import report\n"
+        f"report(b.measure_peak(sys.argv[2], sys.argv[3], {steps}))\n"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            script,
-            os.path.dirname(__file__),
-            mode,
-            size_name,
-        ],
-        capture_output=True,
-        text=True,
-        env=os.environ,
-        timeout=900,
+    return measurement.in_fresh_process(
+        script, os.path.dirname(__file__), mode, size_name
     )
-    lines = [
-        line for line in result.stdout.splitlines() if line.startswith("PEAK")
-    ]
-    if not lines:
-        raise RuntimeError(f"{mode}: {result.stderr[-2000:]}")
-    return json.loads(lines[0][5:])
 
 
 def measure_peak(mode, size_name, steps):

@@ -1,0 +1,74 @@
+"""Tests for keras_rnn_lora/measurement.py: what the benchmarks and the main
+job's cost figures are measured with."""
+
+import numpy as np
+import pytest
+
+from keras_rnn_lora import measurement
+from keras_rnn_lora.layers import accelerator_present
+
+
+def test_peak_memory_sees_an_allocation_made_and_freed_inside():
+    with measurement.PeakMemory(interval=0.001) as memory:
+        block = np.ones(64 * 2**20 // 8)  # 64 MB, every page touched
+        del block
+    assert memory.peak_mb >= 48
+    with measurement.PeakMemory() as idle:
+        pass
+    assert idle.peak_mb < 16
+
+
+def test_device_peak_is_reported_exactly_where_there_is_an_accelerator():
+    peak = measurement.device_peak_mb()
+    if accelerator_present():
+        assert peak >= 0
+    else:
+        assert peak is None
+
+
+def test_interleaved_times_warm_up_then_rotate_the_order():
+    calls = []
+    steps = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = measurement.interleaved_times(steps, rounds=4, warmup=1)
+    assert calls == list("abc" + "abc" + "bca" + "cab" + "abc")
+    assert {name: len(t) for name, t in times.items()} == dict.fromkeys(
+        "abc", 4
+    )
+    assert all(t >= 0 for values in times.values() for t in values)
+
+
+def test_summaries_are_of_per_round_ratios():
+    assert measurement.summary([3.0, 1.0, 2.0]) == {
+        "median": 2.0,
+        "min": 1.0,
+        "max": 3.0,
+        "rounds": 3,
+    }
+    times = {"lora": [1.0, 3.0, 2.0], "full": [2.0, 3.0, 8.0]}
+    ratios = measurement.ratio_summary(times, "lora", "full")
+    assert ratios == {"median": 0.5, "min": 0.25, "max": 1.0, "rounds": 3}
+    with pytest.raises(ValueError):  # rounds must pair up
+        measurement.ratio_summary({"a": [1.0], "b": [1.0, 2.0]}, "a", "b")
+
+
+def test_in_fresh_process_returns_what_the_script_reports():
+    script = (
+        "import sys, keras\n"
+        "from keras_rnn_lora.measurement import report\n"
+        "print('noise before the result')\n"
+        "report({'argv': sys.argv[1:], 'backend': keras.backend.backend()})\n"
+    )
+    result = measurement.in_fresh_process(script, "x", 3)
+    assert result["argv"] == ["x", "3"]
+    import keras
+
+    assert result["backend"] == keras.backend.backend()
+
+
+def test_in_fresh_process_errors_carry_the_scripts_stderr():
+    with pytest.raises(RuntimeError, match=r"exit status 1(.|\n)*boom"):
+        measurement.in_fresh_process("raise SystemExit('boom')")
+    with pytest.raises(RuntimeError, match="reported no result"):
+        measurement.in_fresh_process("print('no marker')")
+    with pytest.raises(RuntimeError, match="within 1 s"):
+        measurement.in_fresh_process("import time; time.sleep(30)", timeout=1)

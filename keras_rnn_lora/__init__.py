@@ -5,6 +5,7 @@ The IWSLT translation application, its first user, is the subpackage
 `keras_rnn_lora.translation`.
 """
 
+from keras_rnn_lora.adapter_io import load_lora_model
 from keras_rnn_lora.adapter_io import load_lora_weights
 from keras_rnn_lora.adapter_io import save_lora_weights
 from keras_rnn_lora.cells import LoRAGRUCell
@@ -23,6 +24,7 @@ from keras_rnn_lora.lora import lora_scaling
 from keras_rnn_lora.training import lora_summary
 from keras_rnn_lora.training import mark_only_lora_as_trainable
 from keras_rnn_lora.training import merge_lora
+from keras_rnn_lora.training import recompile
 from keras_rnn_lora.training import unmerge_lora
 
 # Registers the translator's model class, losses and metrics (Keras only),
@@ -44,11 +46,13 @@ __all__ = [
     "LoRASimpleRNN",
     "LoRASimpleRNNCell",
     "enable_lora",
+    "load_lora_model",
     "load_lora_weights",
     "lora_scaling",
     "lora_summary",
     "mark_only_lora_as_trainable",
     "merge_lora",
+    "recompile",
     "save_lora_weights",
     "to_base_model",
     "unmerge_lora",

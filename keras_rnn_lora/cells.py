@@ -98,12 +98,12 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
 
     _keras_cell = None
     _gates = 1
-    _lora_noun = "cell"
+    lora_noun = "cell"
 
     def __init__(
         self,
         units,
-        rank,
+        rank=None,
         lora_alpha=None,
         use_rslora=False,
         lora_dropout=0.0,
@@ -111,9 +111,16 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
         lora_a_initializer="he_uniform",
         lora_b_initializer="zeros",
         lora_merged=False,
+        trainable_base_weights=None,
         **kwargs,
     ):
+        # The stock cell first: it refuses unknown arguments by name.
         super().__init__(units, **kwargs)
+        if rank is None:
+            raise TypeError(
+                f"{type(self).__name__} needs the LoRA rank: pass `rank`, "
+                f"e.g. {type(self).__name__}({units}, rank=8)."
+            )
         config = lora.LoRAConfig(
             rank=lora.validate_rank(rank, self.units),
             lora_alpha=lora_alpha,
@@ -125,7 +132,7 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
             lora_a_initializer=lora_a_initializer,
             lora_b_initializer=lora_b_initializer,
         )
-        self._init_lora(config, lora_merged)
+        self.init_lora(config, lora_merged, trainable_base_weights)
         self.lora_alpha = config.lora_alpha
 
     # -- weights ---------------------------------------------------------
@@ -148,8 +155,7 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
                 b.regularizer = lora.EffectiveKernelRegularizer(
                     self, target, kernel.regularizer
                 )
-        if self._lora_merged:
-            self._set_factors_trainable(False)
+        self.finish_lora_build()
 
     def lora_kernel(self, target):
         """The frozen kernel variable of `target` ("kernel" or
@@ -163,10 +169,11 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
 
     def effective_kernel(self, target):
         """The kernel `target` ("kernel" or "recurrent") acts as: `W + s*A@B`
-        while an unmerged adapter targets it, else `W`. Differentiable with
-        respect to `A` and `B` (what the fused layers feed to cuDNN)."""
+        from the live factors (merged, `B` is zero and `W` holds the
+        merge). Differentiable with respect to `A` and `B` (what the fused
+        layers feed to cuDNN)."""
         kernel = self.lora_kernel(target)
-        if self._lora_merged or target not in self.lora_targets:
+        if target not in self.lora_targets:
             return kernel
         return ops.add(kernel, ops.cast(self.delta(target), kernel.dtype))
 
@@ -185,7 +192,7 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
             columns = slice(start * self.units, stop * self.units)
             kernel = kernel[:, columns]
         y = ops.matmul(x, kernel)
-        if self._lora_merged or target not in self.lora_targets:
+        if target not in self.lora_targets:
             return y
         a, b = self.lora_factors(target)
         if training and self.lora_dropout > 0:
@@ -217,8 +224,6 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
         ]
 
     def call(self, inputs, states, training=False):
-        if self._lora_merged:
-            return self._keras_cell.call(self, inputs, states, training)
         x_projected = self.input_projection(inputs, training)
         return self.recurrent_step(x_projected, states, training)
 
@@ -260,10 +265,7 @@ class _LoRACellMixin(LoRADropoutMixin, MergeableLoRA):
     # -- configuration -----------------------------------------------------
 
     def get_config(self):
-        config = {
-            **self.lora_config.to_dict(),
-            "lora_merged": self._lora_merged,
-        }
+        config = self.lora_config_entries()
         for name in lora.INITIALIZER_FIELDS:
             config[name] = initializers.serialize(getattr(self, name))
         if hasattr(self, "implementation"):  # Keras' cells drop it

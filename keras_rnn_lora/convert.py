@@ -19,6 +19,7 @@ and its `clone_function` cannot see the cells inside `RNN`,
 """
 
 import copy
+import dataclasses
 
 import keras
 
@@ -27,10 +28,13 @@ from keras_rnn_lora.cells import LORA_CELLS
 from keras_rnn_lora.keras_lora import KERAS_LORA_LAYERS
 from keras_rnn_lora.keras_lora import LORA_LAYER_FOR_TARGET
 from keras_rnn_lora.layers import LORA_LAYERS
+from keras_rnn_lora.merging import MergeableLoRA
+from keras_rnn_lora.training import compile_like
 from keras_rnn_lora.walk import check_model
 from keras_rnn_lora.walk import iter_layers
 from keras_rnn_lora.walk import lora_adapters
 from keras_rnn_lora.walk import lora_weight_ids
+from keras_rnn_lora.walk import require_adapters
 
 _LORA_CELL_FOR = {cls._keras_cell.__name__: cls for cls in LORA_CELLS}
 _LORA_LAYER_FOR = {cls._keras_layer.__name__: cls for cls in LORA_LAYERS}
@@ -79,12 +83,7 @@ def _lora_cell(node, lora_args):
     if not _is_keras_class(node, set(_LORA_CELL_FOR)):
         return node, False
     stock = _from_config(node)
-    try:
-        cell = _LORA_CELL_FOR[node["class_name"]](
-            **stock.get_config(), **lora_args
-        )
-    except ValueError as error:
-        raise ValueError(f"Cell '{stock.name}': {error}") from None
+    cell = _LORA_CELL_FOR[node["class_name"]](**stock.get_config(), **lora_args)
     return _serialized(cell, node), True
 
 
@@ -94,7 +93,11 @@ def _lora_recurrent_layer(node, lora_args):
     `LoRASimpleRNN`, `LoRAGRU` and `LoRALSTM` (which keep the fused path on
     a GPU); `RNN` keeps its class with its cell swapped."""
     if node["class_name"] == "RNN":
-        cell, converted = _lora_cell(node["config"]["cell"], lora_args)
+        try:
+            cell, converted = _lora_cell(node["config"]["cell"], lora_args)
+        except ValueError as error:
+            name = node["config"].get("name")
+            raise ValueError(f"Layer '{name}': {error}") from None
         return {**node, "config": {**node["config"], "cell": cell}}, converted
     stock = _from_config(node)
     try:
@@ -102,7 +105,7 @@ def _lora_recurrent_layer(node, lora_args):
             {**stock.get_config(), **lora_args}
         )
     except ValueError as error:
-        raise ValueError(f"Cell '{stock.cell.name}': {error}") from None
+        raise ValueError(f"Layer '{stock.name}': {error}") from None
     return _serialized(layer, node), True
 
 
@@ -110,16 +113,25 @@ def _lora_keras_layer(node, lora_cls, keras_args):
     """A serialized Keras `Dense`/`EinsumDense`/`Embedding` as its LoRA twin,
     which enables Keras' own LoRA on it."""
     stock = _from_config(node)
-    if stock.get_config().get("lora_rank"):
-        raise ValueError(
-            f"Layer '{stock.name}' already has Keras' own LoRA enabled "
-            "(`lora_rank`); convert a model without it."
-        )
+    config = stock.get_config()
+    # Keras' own LoRA settings become ours (`keras_args`).
+    config.pop("lora_rank", None)
+    config.pop("lora_alpha", None)
     try:
-        layer = lora_cls.from_config({**stock.get_config(), **keras_args})
+        layer = lora_cls.from_config({**config, **keras_args})
     except ValueError as error:
         raise ValueError(f"Layer '{stock.name}': {error}") from None
     return _serialized(layer, node)
+
+
+def _keras_lora_settings(node):
+    """The rank and alpha of Keras' own LoRA on a serialized layer, or
+    `None` when it has none."""
+    config = node.get("config") if isinstance(node, dict) else None
+    if not isinstance(config, dict) or not config.get("lora_rank"):
+        return None
+    rank = config["lora_rank"]
+    return {"rank": rank, "lora_alpha": config.get("lora_alpha") or rank}
 
 
 class _Conversion:
@@ -153,6 +165,8 @@ class _Conversion:
         self.wanted = wanted  # layer names to convert below; None: all
         self.seen = set()  # every layer name met, to report unknown ones
         self.converted = 0
+        self.adopted = set()  # layers that had Keras' own LoRA
+        self.untargeted = {}  # named layer -> the target it would need
 
     def walk(self, node, selected=False):
         if isinstance(node, list):
@@ -169,18 +183,49 @@ class _Conversion:
             node, converted = _lora_recurrent_layer(node, self.cell_args)
             self.converted += converted
             return node
-        target, lora_cls = _KERAS_LORA_FOR.get(node.get("class_name"), (0, 0))
+        class_name = node.get("class_name")
+        target, lora_cls = _KERAS_LORA_FOR.get(class_name, (None, None))
+        keras_lora = _keras_lora_settings(node)
+        if keras_lora and _is_keras_class(node, {class_name}):
+            if lora_cls is None:
+                raise ValueError(
+                    f"Layer '{name}' ({class_name}) has Keras' own LoRA "
+                    "enabled (`enable_lora`), which this library adopts on "
+                    "Dense, EinsumDense and Embedding only: its factors "
+                    "would train nowhere. Build the model without it, or "
+                    "merge it into the kernel first."
+                )
+            # Keras' own adapter becomes one of ours, with its values.
+            self.adopted.add(name)
+            self.converted += 1
+            return _lora_keras_layer(
+                node,
+                lora_cls,
+                {
+                    **self.keras_args,
+                    **keras_lora,
+                    "use_rslora": False,
+                    "lora_dropout": 0.0,
+                },
+            )
         if (
             selected
             and target in self.layer_targets
-            and _is_keras_class(node, {node.get("class_name")})
+            and _is_keras_class(node, {class_name})
         ):
             self.converted += 1
             return _lora_keras_layer(node, lora_cls, self.keras_args)
+        if (
+            name is not None
+            and self.wanted
+            and name in self.wanted
+            and target is not None
+        ):
+            self.untargeted[name] = target
         return {key: self.walk(value, selected) for key, value in node.items()}
 
 
-def _check_base_dtype(base_dtype):
+def _check_base_dtype(base_dtype, argument="base_dtype"):
     """`base_dtype` as a `keras.DTypePolicy` of floating dtypes."""
     try:
         policy = keras.DTypePolicy(base_dtype)
@@ -189,10 +234,10 @@ def _check_base_dtype(base_dtype):
     dtypes = {policy.variable_dtype, policy.compute_dtype} if policy else None
     if not dtypes or not dtypes <= set(_FLOAT_DTYPES):
         raise ValueError(
-            "Received an invalid value for `base_dtype`, expected a floating "
+            f"Received an invalid value for `{argument}`, expected a floating "
             f"dtype ({', '.join(map(repr, _FLOAT_DTYPES))}) or a mixed "
             "policy name such as 'mixed_bfloat16'. Received: "
-            f"base_dtype={base_dtype!r}"
+            f"{argument}={base_dtype!r}"
         )
     return policy
 
@@ -213,16 +258,21 @@ def _lora_config(rank, config, lora_kwargs):
                 f"and {given}."
             )
         return config
+    unknown = sorted(set(lora_kwargs) - set(lora.LORA_CONFIG_KEYS))
+    internal = sorted(
+        {"lora_merged", "trainable_base_weights"} & set(lora_kwargs)
+    )
+    if unknown or internal:
+        raise TypeError(
+            "enable_lora got unexpected keyword arguments "
+            f"{unknown + internal}; the LoRA settings are `rank` and the other "
+            "fields of keras_rnn_lora.LoRAConfig: "
+            f"{[f.name for f in dataclasses.fields(lora.LoRAConfig)]}."
+        )
     if rank is None:
         raise ValueError(
             "enable_lora needs the adapter's settings: pass `rank` (and any "
             "other LoRA argument), or `config=LoRAConfig(...)`."
-        )
-    unknown = sorted(set(lora_kwargs) - set(lora.LORA_CONFIG_KEYS))
-    if unknown or "lora_merged" in lora_kwargs:
-        raise TypeError(
-            f"enable_lora got unexpected keyword arguments {unknown}; the "
-            "LoRA settings are the fields of keras_rnn_lora.LoRAConfig."
         )
     return lora.LoRAConfig(rank=rank, **lora_kwargs)
 
@@ -296,16 +346,22 @@ def enable_lora(
             f"Its layers: {[layer.name for layer in model.layers]}"
         )
     if conversion.converted == 0:
-        raise _nothing_converted(model, wanted, settings.lora_targets)
+        raise _nothing_converted(
+            model, wanted, settings.lora_targets, conversion.untargeted
+        )
     if policy is not None:
         new_config = _with_dtype(new_config, policy)
+    # Compiled afresh below: an optimizer built now would cover weights that
+    # `mark_only_lora_as_trainable` is about to freeze.
+    new_config.pop("compile_config", None)
     lora_model = keras.saving.deserialize_keras_object(new_config)
     _copy_base_weights(model, lora_model)
     _copy_adapters(model, lora_model)
+    compile_like(lora_model, model)
     return lora_model
 
 
-def _nothing_converted(model, wanted, targets):
+def _nothing_converted(model, wanted, targets, untargeted):
     already = lora_adapters(model)
     recurrent = any(
         isinstance(layer, keras.layers.RNN) for _, layer in iter_layers(model)
@@ -327,10 +383,17 @@ def _nothing_converted(model, wanted, targets):
         else "it has no SimpleRNN, GRU, LSTM or RNN layer over a stock cell"
         + ("" if targets == ("recurrent",) else f" or layer for {targets}")
     )
-    where = "" if wanted is None else f" under {wanted}"
+    where = "" if wanted is None else f" under {sorted(wanted)}"
+    hint = ""
+    if untargeted:
+        needed = sorted(set(untargeted.values()))
+        hint = (
+            f" {sorted(untargeted)} would need `lora_targets` to include "
+            f"{needed}, e.g. lora_targets={(*targets, *needed)!r}."
+        )
     return ValueError(
         f"enable_lora found no recurrent layer to convert in model "
-        f"'{model.name}'{where}: {detail}."
+        f"'{model.name}'{where}: {detail}.{hint}"
     )
 
 
@@ -356,12 +419,31 @@ def _with_dtype(node, policy):
     return out
 
 
+def _keras_lora_factors(model):
+    """`{path: {name: variable}}` of the factors of Keras' own LoRA on
+    layers of `model` that are not adapters of this library."""
+    return {
+        path.split("/", 1)[1]: {
+            w.name: w for w in layer.weights if w.name.startswith("lora_")
+        }
+        for path, layer in iter_layers(model)
+        if getattr(layer, "lora_enabled", False)
+        and not isinstance(layer, MergeableLoRA)
+    }
+
+
 def _copy_base_weights(source, target, values=None):
     """Copies `source`'s weights into the non-LoRA weights of `target`, in
     order, through NumPy (on JAX `assign(variable)` can share a buffer that
-    `fit` later donates away). `values` overrides some by `id(weight)`."""
+    `fit` later donates away). `values` overrides some by `id(weight)`.
+    The factors of Keras' own LoRA in `source` go to the adapters `target`
+    made of them."""
     values = values or {}
-    source_ids, target_ids = lora_weight_ids(source), lora_weight_ids(target)
+    keras_factors = _keras_lora_factors(source)
+    source_ids = lora_weight_ids(source) | {
+        id(w) for factors in keras_factors.values() for w in factors.values()
+    }
+    target_ids = lora_weight_ids(target)
     source_weights = [w for w in source.weights if id(w) not in source_ids]
     target_weights = [w for w in target.weights if id(w) not in target_ids]
     if len(source_weights) != len(target_weights):
@@ -378,6 +460,11 @@ def _copy_base_weights(source, target, values=None):
                 f"{tuple(dst.shape)}; please report this."
             )
         dst.assign(lora.to_numpy(values.get(id(src), src)))
+    target_adapters = lora_adapters(target)
+    for path, factors in keras_factors.items():
+        target_adapters[path].set_lora_factors(
+            {name: lora.to_numpy(w) for name, w in factors.items()}
+        )
 
 
 def _copy_adapters(source, target):
@@ -409,34 +496,41 @@ def _stock_config(node):
     return {key: _stock_config(value) for key, value in node.items()}
 
 
-def to_base_model(model):
+def to_base_model(model, dtype=None):
     """The same architecture with stock Keras layers and merged weights.
 
     Its recurrent layers need nothing from this library to load or serve
     (a model class of your own still needs its code), and its outputs equal
     `model`'s, merged or not. Every merge is checked first: if one would
-    hold NaN or Inf, a `ValueError` names its layer. `model` is left
-    unchanged.
+    hold NaN or Inf, or round the update away in a half-precision kernel, a
+    `ValueError` names its layer. `model` is left unchanged.
+
+    Args:
+        model: a model holding LoRA adapters.
+        dtype: optional dtype (or policy name) of every layer of the result,
+            e.g. `"float32"` for a model trained with
+            `enable_lora(..., base_dtype="bfloat16")`, whose adapters a
+            bfloat16 kernel cannot hold. Default: each layer's own.
     """
     check_model(model, "to_base_model", built=True)
-    adapters = lora_adapters(model)
-    if not adapters:
-        raise ValueError(
-            "`to_base_model` found no LoRA cell or layer in model "
-            f"'{model.name}'. Convert it first: `enable_lora(model, rank=...)`."
-        )
+    adapters = require_adapters(model, "to_base_model")
+    policy = None if dtype is None else _check_base_dtype(dtype, "dtype")
     merged_values = {}
     for path, adapter in adapters.items():
         if adapter.lora_merged:  # the kernels already hold the merge
             continue
         try:
-            merged = adapter.merged_kernels()
+            merged = adapter.merged_kernels(
+                dtype=policy.variable_dtype if policy else None
+            )
         except ValueError as error:
             raise ValueError(f"Layer '{path}': {error}") from None
         for target, value in merged.items():
             merged_values[id(adapter.lora_kernel(target))] = value
-    base = keras.saving.deserialize_keras_object(
-        _stock_config(keras.saving.serialize_keras_object(model))
-    )
+    config = _stock_config(keras.saving.serialize_keras_object(model))
+    config.pop("compile_config", None)
+    if policy is not None:
+        config = _with_dtype(config, policy)
+    base = keras.saving.deserialize_keras_object(config)
     _copy_base_weights(model, base, merged_values)
-    return base
+    return compile_like(base, model)

@@ -16,8 +16,9 @@ way it is handled here, in one place:
   base for good, and it has no unmerge. These layers save and load through
   `MergeableLoRA`'s store format instead (the stock weights by position, the
   factors by name, the merge state), so a saved adapter stays an adapter.
-- Merging: merged, the forward pass reads the merged kernel as it is
-  instead of adding the delta again.
+- Merging: as for every adapter here, the live `B` reads zero while
+  merged, so Keras' own forward pass (`W + s*A@B`) reads the merged kernel
+  and no compiled function depends on the merge state.
 - Scale: Keras scales by `lora_alpha / rank`; rsLoRA's `alpha / sqrt(rank)`
   is handed to Keras as the alpha `alpha * sqrt(rank)`. `lora_config` holds
   the settings as given.
@@ -44,32 +45,43 @@ class _KerasLoRAMixin(MergeableLoRA):
     _factors = ("lora_kernel_a", "lora_kernel_b")  # Keras' factor names
 
     @classmethod
-    def _split_arguments(cls, rank, kwargs):
-        """The LoRA arguments of `kwargs`, validated, as `(config, merged,
-        keras_kwargs)`."""
-        merged = kwargs.pop("lora_merged", False)
-        settings = {
-            key: kwargs.pop(key)
-            for key in lora.LORA_CONFIG_KEYS
-            if key in kwargs and key not in ("rank", "lora_merged")
-        }
-        targets = lora.validate_lora_targets(
-            settings.pop("lora_targets", "kernel"), ("kernel",)
-        )
+    def _pop_lora_arguments(cls, kwargs):
+        """Takes the LoRA arguments out of `kwargs` (the rest go to the
+        Keras layer, which names any it does not know)."""
         if kwargs.pop("lora_rank", None):
             raise ValueError(
                 f"{cls.__name__} enables Keras' LoRA itself: pass "
                 "`rank`, not Keras' `lora_rank`."
             )
-        config = lora.LoRAConfig(rank=rank, lora_targets=targets, **settings)
+        return {
+            key: kwargs.pop(key)
+            for key in lora.LORA_CONFIG_KEYS
+            if key in kwargs and key != "rank"
+        }
+
+    def _init_lora_arguments(self, rank, arguments):
+        """Validates the LoRA arguments and sets the adapter up."""
+        name = type(self).__name__
+        if rank is None:
+            raise TypeError(
+                f"{name} needs the LoRA rank: pass `rank`, e.g. "
+                f"{name}(..., rank=8)."
+            )
+        arguments = dict(arguments)
+        merged = arguments.pop("lora_merged", False)
+        trainable_base = arguments.pop("trainable_base_weights", None)
+        targets = lora.validate_lora_targets(
+            arguments.pop("lora_targets", "kernel"), ("kernel",)
+        )
+        config = lora.LoRAConfig(rank=rank, lora_targets=targets, **arguments)
         if config.lora_dropout:
             raise ValueError(
                 "Received an invalid value for `lora_dropout`, expected 0: "
-                f"Keras' LoRA on {cls._keras_layer.__name__} has no dropout "
+                f"Keras' LoRA on {self._keras_layer.__name__} has no dropout "
                 "(LoRA dropout applies to the recurrent adapters). Received: "
                 f"lora_dropout={config.lora_dropout}"
             )
-        return config, merged, kwargs
+        self.init_lora(config, merged, trainable_base)
 
     def build(self, input_shape=None):
         super().build(input_shape)
@@ -88,8 +100,7 @@ class _KerasLoRAMixin(MergeableLoRA):
             a_initializer=self.lora_a_initializer,
             b_initializer=self.lora_b_initializer,
         )
-        if self._lora_merged:
-            self._set_factors_trainable(False)
+        self.finish_lora_build()
 
     def lora_kernel(self, target="kernel"):
         """The frozen weight the adapter applies to (a variable)."""
@@ -100,26 +111,17 @@ class _KerasLoRAMixin(MergeableLoRA):
         return tuple(getattr(self, name) for name in self._factors)
 
     def effective_kernel(self, target="kernel"):
-        """`W + s*A@B` while an unmerged adapter is active, else `W`."""
+        """`W + s*A@B` from the live factors (merged, `B` is zero and `W`
+        holds the merge)."""
         kernel = self.lora_kernel(target)
-        if self._lora_merged:
-            return kernel
         return ops.add(kernel, ops.cast(self.delta(target), kernel.dtype))
-
-    def _forward_weight(self, keras_property):
-        """What the forward pass reads: merged, the merged weight as it is;
-        else Keras' own `W + s*A@B`."""
-        if self.built and self._lora_merged:
-            return self.lora_kernel()
-        return keras_property.fget(self)
 
     def get_config(self):
         config = super().get_config()
         # Keras' own LoRA settings: this layer enables LoRA itself.
         config.pop("lora_rank", None)
         config.pop("lora_alpha", None)
-        config.update(self.lora_config.to_dict())
-        config["lora_merged"] = self._lora_merged
+        config.update(self.lora_config_entries())
         return config
 
 
@@ -128,8 +130,8 @@ _ARGS_DOC = """
         {args}
         rank: int, the LoRA rank.
         lora_alpha, use_rslora, lora_a_initializer, lora_b_initializer,
-        lora_merged: as for `keras_rnn_lora.LoRAConfig` (`lora_targets` is
-            `("kernel",)`; `lora_dropout` must be 0).
+        lora_merged, trainable_base_weights: as for the LoRA cells
+            (`lora_targets` is `("kernel",)`; `lora_dropout` must be 0).
         **kwargs: every other argument of `keras.layers.{layer}`.
 """
 
@@ -150,14 +152,10 @@ class LoRADense(_KerasLoRAMixin, keras.layers.Dense):
 
     _keras_layer = keras.layers.Dense
 
-    def __init__(self, units, rank, **kwargs):
-        config, merged, kwargs = self._split_arguments(rank, kwargs)
+    def __init__(self, units, rank=None, **kwargs):
+        arguments = self._pop_lora_arguments(kwargs)
         super().__init__(units, **kwargs)
-        self._init_lora(config, merged)
-
-    @property
-    def kernel(self):
-        return self._forward_weight(keras.layers.Dense.kernel)
+        self._init_lora_arguments(rank, arguments)
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
@@ -176,14 +174,10 @@ class LoRAEinsumDense(_KerasLoRAMixin, keras.layers.EinsumDense):
 
     _keras_layer = keras.layers.EinsumDense
 
-    def __init__(self, equation, output_shape, rank, **kwargs):
-        config, merged, kwargs = self._split_arguments(rank, kwargs)
+    def __init__(self, equation, output_shape, rank=None, **kwargs):
+        arguments = self._pop_lora_arguments(kwargs)
         super().__init__(equation, output_shape, **kwargs)
-        self._init_lora(config, merged)
-
-    @property
-    def kernel(self):
-        return self._forward_weight(keras.layers.EinsumDense.kernel)
+        self._init_lora_arguments(rank, arguments)
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
@@ -204,14 +198,10 @@ class LoRAEmbedding(_KerasLoRAMixin, keras.layers.Embedding):
     _weight = "_embeddings"
     _factors = ("lora_embeddings_a", "lora_embeddings_b")
 
-    def __init__(self, input_dim, output_dim, rank, **kwargs):
-        config, merged, kwargs = self._split_arguments(rank, kwargs)
+    def __init__(self, input_dim, output_dim, rank=None, **kwargs):
+        arguments = self._pop_lora_arguments(kwargs)
         super().__init__(input_dim, output_dim, **kwargs)
-        self._init_lora(config, merged)
-
-    @property
-    def embeddings(self):
-        return self._forward_weight(keras.layers.Embedding.embeddings)
+        self._init_lora_arguments(rank, arguments)
 
 
 for _cls, _args in (

@@ -69,19 +69,19 @@ def _contiguous(outputs):
     return outputs
 
 
-class _NotWhileUnmerged:
-    """What `use_cudnn` reads as outside the layer while an unmerged adapter
-    is active (see `_LoRALayerMixin.use_cudnn`): falsy, and neither `True`
-    nor `"auto"`, so fused kernels reading the raw kernels stay off."""
+class _FusedOff:
+    """What `use_cudnn` reads as outside a LoRA layer (see
+    `_LoRALayerMixin.use_cudnn`): falsy, and neither `True` nor `"auto"`,
+    so fused kernels reading the raw kernels stay off."""
 
     def __bool__(self):
         return False
 
     def __repr__(self):
-        return "NOT_WHILE_UNMERGED"
+        return "FUSED_OFF_OUTSIDE"
 
 
-NOT_WHILE_UNMERGED = _NotWhileUnmerged()
+FUSED_OFF_OUTSIDE = _FusedOff()
 
 
 class _EffectiveKernels:
@@ -131,7 +131,7 @@ class _LoRALayerMixin:
     _keras_layer = None
     _lora_cell = None
 
-    def __init__(self, units, rank, **kwargs):
+    def __init__(self, units, rank=None, **kwargs):
         lora_kwargs = {
             key: kwargs.pop(key)
             for key in lora.LORA_CONFIG_KEYS
@@ -139,7 +139,21 @@ class _LoRALayerMixin:
         }
         # A throwaway stock layer validates every stock argument with Keras'
         # own messages and gives the cell's full set of arguments.
-        stock = self._keras_layer(units, **kwargs)
+        try:
+            stock = self._keras_layer(units, **kwargs)
+        except ValueError as error:  # name this class, not the stock one
+            stock_name = self._keras_layer.__name__
+            raise ValueError(
+                str(error).replace(
+                    f"passed to {stock_name}:",
+                    f"passed to {type(self).__name__}:",
+                )
+            ) from None
+        if rank is None:
+            raise TypeError(
+                f"{type(self).__name__} needs the LoRA rank: pass `rank`, "
+                f"e.g. {type(self).__name__}({units}, rank=8)."
+            )
         cell = self._lora_cell(
             rank=rank, **lora_kwargs, **cells.stock_cell_arguments(stock.cell)
         )
@@ -160,27 +174,34 @@ class _LoRALayerMixin:
 
     @property
     def use_cudnn(self):
-        """The layer's `use_cudnn` setting, as code outside the layer reads
-        it: off (`NOT_WHILE_UNMERGED`, falsy) while an unmerged adapter is
-        active, the setting itself when merged.
+        """The layer's `use_cudnn` setting as code outside the layer reads
+        it: always off (`FUSED_OFF_OUTSIDE`, falsy).
 
         Keras' `Bidirectional` hands `cell.kernel` and
         `cell.recurrent_kernel` straight to its fused bidirectional kernel
         (cuDNN on a GPU) when `use_cudnn` allows it, which would skip the
-        adapter; reading it as off sends it to its two-layer path, where
-        each direction runs this layer's own fused path with `W + s*A@B`.
-        `get_config()` and this layer's own dispatch use the setting itself.
+        adapter (and a function traced while merged would skip it after
+        an unmerge); reading it as off sends it to its two-layer path,
+        where each direction runs this layer's own fused path with
+        `W + s*A@B`. `get_config()` and this layer's own dispatch use the
+        setting itself (`use_cudnn_setting`).
         """
-        if self.cell.lora_merged or isinstance(self.cell, _EffectiveKernels):
+        if isinstance(self.cell, _EffectiveKernels):
             return self._use_cudnn
-        return NOT_WHILE_UNMERGED
+        return FUSED_OFF_OUTSIDE
 
     @use_cudnn.setter
     def use_cudnn(self, value):
         # Keras' Bidirectional copies `use_cudnn` from the layer it wraps
         # onto its halves: the marker must not overwrite their setting.
-        if value is not NOT_WHILE_UNMERGED:
+        if value is not FUSED_OFF_OUTSIDE:
             self._use_cudnn = value
+
+    @property
+    def use_cudnn_setting(self):
+        """The `use_cudnn` this layer was given (`"auto"`, `True`,
+        `False`)."""
+        return getattr(self, "_use_cudnn", False)
 
     @property
     def lora_weights(self):
@@ -263,10 +284,6 @@ class _LoRALayerMixin:
         return last, _contiguous(outputs), states
 
     def _inner_loop(self, sequences, initial_state, mask, training):
-        if self.cell.lora_merged:  # plain weights: the stock layer's path
-            return self._keras_layer.inner_loop(
-                self, sequences, initial_state, mask, training=training
-            )
         if not self._fusable(training):
             return self._factored_loop(sequences, initial_state, mask, training)
         # The stock layer's own dispatch (cuDNN where it can, else its step

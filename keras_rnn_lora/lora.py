@@ -239,10 +239,12 @@ class LoRAConfig:
 
 
 #: Constructor arguments the LoRA cells and layers add to their Keras
-#: parents: every `LoRAConfig` field, and the merge state.
+#: parents: every `LoRAConfig` field, the merge state and which base
+#: weights train.
 LORA_CONFIG_KEYS = (
     *(field.name for field in dataclasses.fields(LoRAConfig)),
     "lora_merged",
+    "trainable_base_weights",
 )
 
 
@@ -293,13 +295,22 @@ def to_numpy(value):
     return np.array(ops.convert_to_numpy(value))
 
 
+#: The largest share of an update's norm a merge into a half-precision
+#: kernel may round away: a bfloat16 or float16 kernel rounds away most of a
+#: small update (40-80% measured), which merging would make permanent.
+MAX_MERGE_LOSS = 0.01
+HALF_PRECISION = ("bfloat16", "float16")
+
+
 def merged_kernel(base, a, b, scaling, dtype, where):
     """`base + scaling * a @ b` in `dtype`, as a NumPy array.
 
     Computed in float64, then cast to the kernel's `dtype`. Refuses (as
     PEFT's `safe_merge` does) a result holding NaN or Inf, whether the factors
     hold them or their product overflows `dtype`: a merged kernel is often
-    made permanent, so a broken one must never be written.
+    made permanent, so a broken one must never be written. Refuses too a
+    merge into a bfloat16 or float16 kernel that would round more than
+    `MAX_MERGE_LOSS` of the update away.
 
     Args:
         base: the frozen kernel `W`.
@@ -309,15 +320,29 @@ def merged_kernel(base, a, b, scaling, dtype, where):
         where: what to name in the error, e.g. "cell 'gru_cell', kernel
             'recurrent_kernel'".
     """
+    base64 = np.asarray(base, "float32").astype("float64")
     with np.errstate(over="ignore", invalid="ignore"):
         delta = scaling * (
             np.asarray(a, "float32").astype("float64")
             @ np.asarray(b, "float32").astype("float64")
         )
-        merged = np.asarray(base, "float32").astype("float64") + delta
-        merged = merged.astype("float32")
+        merged = (base64 + delta).astype("float32")
     merged = to_numpy(ops.cast(merged, dtype))
     check_finite(merged, f"the merged kernel of {where}")
+    dtype = keras.backend.standardize_dtype(dtype)
+    update = np.linalg.norm(delta)
+    if dtype in HALF_PRECISION and update > 0:
+        kept = merged.astype("float64") - base64
+        lost = np.linalg.norm(kept - delta) / update
+        if lost > MAX_MERGE_LOSS:
+            raise ValueError(
+                f"Refusing to merge into the {dtype} kernel of {where}: "
+                "its precision would round away "
+                f"{100 * lost:.0f}% of the adapter's update. Keep the "
+                "adapter unmerged (it computes the same function), or "
+                "convert with `to_base_model(model, dtype='float32')`, "
+                "which merges into float32 kernels. Nothing was changed."
+            )
     return merged
 
 

@@ -14,10 +14,9 @@ from keras import ops
 class LoRADropoutMixin:
     """Adds the LoRA dropout masks to a cell with Keras' dropout masks.
 
-    The host provides `lora_dropout`, `lora_targets`, `lora_merged`,
-    `seed_generator` and Keras' `get_dropout_mask` /
-    `get_recurrent_dropout_mask` / `reset_*` methods (from
-    `DropoutRNNCell`).
+    The host provides `lora_dropout`, `lora_targets`, `seed_generator`
+    and Keras' `get_dropout_mask` / `get_recurrent_dropout_mask` /
+    `reset_*` methods (from `DropoutRNNCell`).
     """
 
     def lora_dropout_mask(self, target, x):
@@ -36,10 +35,7 @@ class LoRADropoutMixin:
 
     def _wants_lora_dropout(self, target):
         return (
-            self.lora_dropout > 0
-            and target in self.lora_targets
-            and not self.lora_merged
-            and self.built
+            self.lora_dropout > 0 and target in self.lora_targets and self.built
         )
 
     def get_dropout_mask(self, step_input):

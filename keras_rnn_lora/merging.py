@@ -1,24 +1,28 @@
 """Merge state of a LoRA adapter: merge, unmerge, the exact pre-merge
 kernels, and how all of it is saved and loaded.
 
-`MergeableLoRA` is mixed into every layer or cell that carries an adapter
-(the recurrent cells, and the Dense/EinsumDense/Embedding layers). The host
-provides:
+What a layer computes never depends on Python state: it always applies its
+live factor variables, `W + s * A @ B`. Merging writes `W + s * A @ B` into
+the kernel variable and sets the live `B` to zero, keeping the adapter
+(the factors and the kernels before the merge) beside the layer for
+`unmerge_lora`. So every function Keras or a user compiled before a merge,
+an unmerge or an adapter load computes the new function: `model.predict`,
+`evaluate`, `fit`, a `tf.function`, a `jax.jit`.
 
-- `lora_targets`: the names of the adapted kernels;
-- `lora_kernel(target)`: the frozen kernel variable `W` of a target;
-- `lora_factors(target)`: its factors `(A, B)`;
-- `scaling`, `lora_a_initializer`, `lora_b_initializer`;
-- `_lora_merged`: a bool it reads in its forward pass (merged: plain `W`).
+`MergeableLoRA` is mixed into every layer or cell that carries an adapter
+(the recurrent cells, and the Dense/EinsumDense/Embedding layers); what a
+host must provide is the abstract base `LoRAHost`.
 
 Stores (`.keras` and `.weights.h5` files) of such a layer hold the stock
 weights by position (`"0"`, `"1"`, ...: exactly what the stock layer
 stores, so a stock file loads here and `to_base_model` goes back), the
-factors by name, `"lora_merged"` and, while merged, `"premerge_<kernel>"`.
-Loading restores the stored function whatever state the receiving layer is
-in: a merged file loads into an unmerged twin (and the reverse) without
-applying the delta twice or dropping it.
+adapter's factors by name, `"lora_merged"` and, while merged,
+`"premerge_<kernel>"`. Loading restores the stored function whatever
+state the receiving layer is in: a merged file loads into an unmerged twin
+(and the reverse) without applying the delta twice or dropping it.
 """
+
+import abc
 
 import keras
 import numpy as np
@@ -28,14 +32,31 @@ from keras_rnn_lora import lora
 MERGED_KEY = "lora_merged"
 
 
-class MergeableLoRA:
+class LoRAHost(abc.ABC):
+    """What a layer or cell provides to carry an adapter (`MergeableLoRA`)."""
+
+    @abc.abstractmethod
+    def lora_kernel(self, target):
+        """The frozen kernel variable `W` of `target`."""
+
+    @abc.abstractmethod
+    def lora_factors(self, target):
+        """The live factor variables `(A, B)` of `target`."""
+
+    @abc.abstractmethod
+    def base_weights(self):
+        """The weights a stock layer of this kind has, in its order."""
+
+
+class MergeableLoRA(LoRAHost):
     """Merge, unmerge and save the adapter of the host layer (see module)."""
 
-    _lora_noun = "layer"  # what messages call the host
+    lora_noun = "layer"  # what messages call the host
 
-    def _init_lora(self, config, lora_merged):
-        """Stores the adapter's `LoRAConfig`, the attributes read from it
-        and the merge state."""
+    def init_lora(self, config, lora_merged, trainable_base_weights=None):
+        """Stores the adapter's `LoRAConfig`, the attributes read from it,
+        the merge state and which base weights train (see
+        `set_trainable_base_weights`). Called by the host's `__init__`."""
         self.lora_config = config
         self.rank = config.rank
         self.use_rslora = config.use_rslora
@@ -45,9 +66,21 @@ class MergeableLoRA:
             setattr(self, name, lora.new_initializer(getattr(config, name)))
         self.scaling = config.scaling
         self._lora_merged = bool(lora_merged)
-        # Target -> NumPy copy of the kernel before `merge_lora`, so that
-        # `unmerge_lora` restores it bit for bit.
+        self.trainable_base_weights = _check_trainable_base_weights(
+            trainable_base_weights
+        )
+        # While merged: the kernels before the merge (target -> array) and
+        # the adapter's factors (name -> array), so that `unmerge_lora`
+        # restores both bit for bit. `None` while merged means they are not
+        # known here (the layer was built merged and its weights set
+        # directly, e.g. with `set_weights`).
         self._premerge_kernels = {}
+        self._premerge_factors = {}
+        if self._lora_merged:
+            self._premerge_kernels = self._premerge_factors = None
+        # The factors' own trainability, frozen while merged: what
+        # `unmerge_lora` gives back (a factor the user froze stays frozen).
+        self._factors_trainable = None
 
     @property
     def lora_merged(self):
@@ -56,62 +89,140 @@ class MergeableLoRA:
 
     @property
     def lora_weights(self):
-        """The LoRA factors, `[A, B]` per target in `lora_targets` order."""
-        if not self.built:
+        """The live factor variables, `[A, B]` per target in `lora_targets`
+        order. While merged `B` reads zero: the adapter is in the kernel
+        (its values: `factor_values()`)."""
+        try:  # during `build()` too, once the factors exist
+            return [w for t in self.lora_targets for w in self.lora_factors(t)]
+        except AttributeError:  # not built yet
             return []
-        return [w for t in self.lora_targets for w in self.lora_factors(t)]
 
-    def _require_built(self, method):
+    def require_built(self, method):
         if not self.built:
             raise ValueError(
-                f"`{method}()` was called on the unbuilt {self._lora_noun} "
+                f"`{method}()` was called on the unbuilt {self.lora_noun} "
                 f"'{self.name}': it has no weights yet. Build it first, "
                 "e.g. by calling it (or the RNN layer that holds it) on a "
                 "batch, or with `.build(input_shape)`."
             )
 
-    def _set_factors_trainable(self, trainable):
-        for weight in self.lora_weights:
-            weight.trainable = trainable
+    def _require_premerge(self, method):
+        if self._premerge_kernels is None:
+            raise ValueError(
+                f"`{method}()` needs the adapter that {self.lora_noun} "
+                f"'{self.name}' merged, which is not known here: the layer "
+                "was built merged (from a config) and its weights set "
+                "directly (`set_weights` carries only the merged kernel). "
+                "Load its weights from a `.keras` or `.weights.h5` file "
+                "saved from the merged model instead: those record the "
+                "pre-merge kernels and the factors."
+            )
 
     def _where(self, target):
         return f"'{self.name}', kernel '{self.lora_kernel(target).name}'"
+
+    # -- trainability -------------------------------------------------------
+
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Keras' setter thaws every weight the layer created trainable,
+        # adapted kernels included: they stay frozen here.
+        keras.layers.Layer.trainable.fset(self, value)
+        if self.built and hasattr(self, "lora_config"):
+            self._apply_trainability()
+
+    def set_trainable_base_weights(self, names):
+        """Which of the layer's base weights (those that are not factors
+        and not adapted kernels) train: `None` (the default) all of them,
+        as in the stock layer; a sequence of weight names (e.g.
+        `("bias",)`, or `()`: only the factors train). Adapted kernels are
+        always frozen, and the factors are frozen while merged. Recorded in
+        the config, so it survives saving."""
+        self.trainable_base_weights = _check_trainable_base_weights(names)
+        if self.built:
+            self._apply_trainability()
+
+    def finish_lora_build(self):
+        """Called at the end of the host's `build()`: a layer built merged
+        starts with its live `B` at zero (the delta is in the kernel), and
+        the trainability of every weight follows the settings."""
+        if self._lora_merged:
+            for target in self.lora_targets:
+                b = self.lora_factors(target)[1]
+                b.assign(np.zeros(b.shape, "float32"))
+        self._apply_trainability()
+
+    def _apply_trainability(self):
+        """Sets the base weights' flags from `trainable_base_weights`; the
+        factors are frozen while merged."""
+        targets = {id(self.lora_kernel(t)) for t in self.lora_targets}
+        names = self.trainable_base_weights
+        for weight in self.base_weights():
+            weight.trainable = id(weight) not in targets and (
+                names is None or weight.name in names
+            )
+        if self._lora_merged:
+            self._freeze_factors()
+
+    def _freeze_factors(self):
+        if self._factors_trainable is None:
+            self._factors_trainable = [w.trainable for w in self.lora_weights]
+        for weight in self.lora_weights:
+            weight.trainable = False
+
+    def _thaw_factors(self):
+        flags = self._factors_trainable or [True] * len(self.lora_weights)
+        for weight, flag in zip(self.lora_weights, flags, strict=True):
+            weight.trainable = flag
+        self._factors_trainable = None
 
     # -- the kernels -------------------------------------------------------
 
     def base_kernel(self, target):
         """The frozen kernel `W` the adapter of `target` applies to, as a
         NumPy array: the pre-merge kernel while merged."""
-        self._require_built("base_kernel")
+        self.require_built("base_kernel")
         if self._lora_merged:
+            self._require_premerge("base_kernel")
             return self._premerge_kernels[target].copy()
         return lora.to_numpy(self.lora_kernel(target))
 
+    def factor_values(self):
+        """The adapter's factors as NumPy arrays (factor name -> array),
+        merged or not."""
+        self.require_built("factor_values")
+        if self._lora_merged:
+            self._require_premerge("factor_values")
+            return {k: v.copy() for k, v in self._premerge_factors.items()}
+        return {w.name: lora.to_numpy(w) for w in self.lora_weights}
+
     def delta(self, target):
-        """The update `s * A @ B` of `target`, float32, differentiable with
-        respect to the factors."""
+        """The update `s * A @ B` of `target` from the live factors (zero
+        while merged), float32, differentiable with respect to them."""
         a, b = self.lora_factors(target)
         return lora.lora_delta(a, b, self.scaling)
 
-    def merged_kernels(self, factors=None):
-        """`{target: W + s*A@B}` as NumPy arrays in the kernels' dtype, from
-        the base kernels and the current factors (or `factors`, a mapping
-        from factor name to value). Raises `ValueError` if any would hold
-        NaN or Inf; changes nothing."""
-        self._require_built("merged_kernels")
-        factors = factors or {}
+    def merged_kernels(self, factors=None, dtype=None):
+        """`{target: W + s*A@B}` as NumPy arrays in the kernels' dtype (or
+        `dtype`), from the base kernels and the adapter's factors (or
+        `factors`, a mapping from factor name to value). Raises `ValueError`
+        if any would hold NaN or Inf, or lose the update to a half-precision
+        dtype; changes nothing."""
+        self.require_built("merged_kernels")
+        factors = factors or self.factor_values()
         merged = {}
         for target in self.lora_targets:
-            a, b = (
-                factors[w.name] if w.name in factors else lora.to_numpy(w)
-                for w in self.lora_factors(target)
-            )
+            a, b = (factors[w.name] for w in self.lora_factors(target))
             merged[target] = lora.merged_kernel(
                 self.base_kernel(target),
                 a,
                 b,
                 self.scaling,
-                self.lora_kernel(target).dtype,
+                dtype or self.lora_kernel(target).dtype,
                 self._where(target),
             )
         return merged
@@ -119,58 +230,77 @@ class MergeableLoRA:
     # -- merging -----------------------------------------------------------
 
     def merge_lora(self, reset=False):
-        """Folds `s * A @ B` into each targeted kernel; the layer then runs
-        its plain stock computation (no LoRA overhead). Idempotent.
+        """Folds `s * A @ B` into each targeted kernel. Idempotent.
 
-        The factors are kept (frozen while merged) and the pre-merge kernels
-        saved, so `unmerge_lora()` restores them exactly. A merge whose
-        result would hold NaN or Inf is refused with a `ValueError` and the
-        layer is left exactly as it was.
+        The adapter is kept (its factors frozen while merged) with the
+        pre-merge kernels, so `unmerge_lora()` restores them exactly. A
+        merge whose result would hold NaN or Inf is refused with a
+        `ValueError` and the layer is left exactly as it was.
 
         With `reset=True` the merge is made permanent instead: the merged
         kernel becomes the new frozen base and a fresh adapter starts on it
         (`A` re-initialized, `B = 0`), so outputs are unchanged and the
         layer is ready to learn the next batch of new data.
         """
-        self._require_built("merge_lora")
+        self.require_built("merge_lora")
         if not self._lora_merged:
             merged = self.merged_kernels()
-            self._premerge_kernels = {
-                target: self.base_kernel(target) for target in merged
-            }
-            for target, value in merged.items():
-                self.lora_kernel(target).assign(value)
-            self._lora_merged = True
-            self._set_factors_trainable(False)
+            self._set_merged(
+                merged,
+                {t: self.base_kernel(t) for t in merged},
+                self.factor_values(),
+            )
         if reset:
-            self._premerge_kernels = {}
-            self._lora_merged = False
-            self._set_factors_trainable(True)
+            self._premerge_kernels, self._premerge_factors = {}, {}
             for target in self.lora_targets:
                 a, b = self.lora_factors(target)
                 a.assign(self.lora_a_initializer(a.shape, dtype=a.dtype))
                 b.assign(self.lora_b_initializer(b.shape, dtype=b.dtype))
+            self._lora_merged = False
+            self._thaw_factors()
         return self
+
+    def _set_merged(self, merged, premerge_kernels, factors):
+        """Enters the merged state: the kernels hold `merged`, the live `B`
+        factors read zero (`A` keeps the adapter's value), and the adapter
+        is kept for `unmerge_lora` (`None`: not known)."""
+        for target, value in merged.items():
+            self.lora_kernel(target).assign(value)
+        for target in self.lora_targets:
+            a, b = self.lora_factors(target)
+            if factors is not None:
+                a.assign(factors[a.name])
+            b.assign(np.zeros(b.shape, "float32"))
+        self._premerge_kernels = premerge_kernels
+        self._premerge_factors = factors
+        self._lora_merged = True
+        self._freeze_factors()
+
+    def _set_unmerged(self, kernels, factors):
+        for target, value in kernels.items():
+            self.lora_kernel(target).assign(value)
+        for weight in self.lora_weights:
+            weight.assign(factors[weight.name])
+        self._premerge_kernels, self._premerge_factors = {}, {}
+        if self._lora_merged:
+            self._lora_merged = False
+            self._thaw_factors()
 
     def unmerge_lora(self):
-        """Restores the exact kernels `merge_lora()` changed and the LoRA
-        computation. Idempotent."""
-        self._require_built("unmerge_lora")
+        """Restores the exact kernels `merge_lora()` changed and the
+        adapter's factors. Idempotent."""
+        self.require_built("unmerge_lora")
         if not self._lora_merged:
             return self
-        for target in self.lora_targets:
-            self.lora_kernel(target).assign(self._premerge_kernels[target])
-        self._premerge_kernels = {}
-        self._lora_merged = False
-        self._set_factors_trainable(True)
+        self._require_premerge("unmerge_lora")
+        self._set_unmerged(self._premerge_kernels, self._premerge_factors)
         return self
 
-    def set_lora_factors(self, values):
-        """Assigns the factors from `values` (factor name -> array) and keeps
-        the merge state: a merged layer is re-merged with the new factors.
-        Everything is checked (names, shapes, finite values, a finite merged
-        kernel) before anything is assigned."""
-        self._require_built("set_lora_factors")
+    def check_lora_factors(self, values):
+        """Checks `values` (factor name -> array) as `set_lora_factors`
+        would take them, changing nothing: names, shapes, finite values and,
+        while merged, a finite merged kernel. Returns them as float32."""
+        self.require_built("set_lora_factors")
         weights = {w.name: w for w in self.lora_weights}
         if set(values) != set(weights):
             raise ValueError(
@@ -188,73 +318,130 @@ class MergeableLoRA:
                 )
             lora.check_finite(array, f"factor '{name}' of '{self.name}'")
             arrays[name] = array.astype("float32")
-        merged = self.merged_kernels(arrays) if self._lora_merged else {}
-        for name, array in arrays.items():
-            weights[name].assign(array)
-        for target, value in merged.items():
-            self.lora_kernel(target).assign(value)
+        if self._lora_merged:
+            self.merged_kernels(arrays)
+        return arrays
+
+    def set_lora_factors(self, values):
+        """Assigns the factors from `values` (factor name -> array) and keeps
+        the merge state: a merged layer is re-merged with the new factors.
+        Everything is checked (names, shapes, finite values, a finite merged
+        kernel) before anything is assigned."""
+        arrays = self.check_lora_factors(values)
+        if self._lora_merged:
+            self._set_merged(
+                self.merged_kernels(arrays),
+                self._premerge_kernels,
+                arrays,
+            )
+        else:
+            for weight in self.lora_weights:
+                weight.assign(arrays[weight.name])
         return self
 
     # -- saving --------------------------------------------------------------
 
-    def _base_weights(self):
+    def _stock_weights(self):
         lora_ids = {id(w) for w in self.lora_weights}
-        return [w for w in self._own_weights() if id(w) not in lora_ids]
+        return [w for w in self.weights if id(w) not in lora_ids]
 
-    def _own_weights(self):
+    def base_weights(self):
         # A cell or a Dense has no sub-layers: its weights are its own.
-        return self.weights
+        return self._stock_weights()
 
     def save_own_variables(self, store):
-        for i, weight in enumerate(self._base_weights()):
+        for i, weight in enumerate(self.base_weights()):
             store[f"{i}"] = weight
-        for weight in self.lora_weights:
-            store[weight.name] = weight
+        known = not self._lora_merged or self._premerge_kernels is not None
+        factors = (
+            self.factor_values()
+            if known
+            else {w.name: lora.to_numpy(w) for w in self.lora_weights}
+        )
+        for name, value in factors.items():
+            store[name] = value
         store[MERGED_KEY] = np.array(int(self._lora_merged))
-        for target, kernel in self._premerge_kernels.items():
-            store[_premerge_key(self, target)] = kernel
+        if self._lora_merged and known:
+            for target, kernel in self._premerge_kernels.items():
+                store[_premerge_key(self, target)] = kernel
 
     def load_own_variables(self, store):
-        """Loads this layer's store, or a stock layer's (the factors then
-        keep their values), and restores the stored function in this
-        layer's own merge state. The 0.1.0 layout (every weight by
-        position) loads too."""
+        """Loads this layer's store, or a stock layer's (the adapter then
+        keeps its factors), and restores the stored function in this
+        layer's own merge state."""
         stored = _read_store(self, store)
-        base = self._base_weights()
+        base = self.base_weights()
         position = {id(w): i for i, w in enumerate(base)}
-        kernels = {
+        stored_kernels = {
             target: stored.base[position[id(self.lora_kernel(target))]]
             for target in self.lora_targets
         }
-        factors = stored.factors or {
-            w.name: lora.to_numpy(w) for w in self.lora_weights
-        }
-        if stored.merged:  # the stored kernels hold W + s*A@B
-            kernels = stored.premerge
-        merged = {}
-        if self._lora_merged:
-            for target, kernel in kernels.items():
-                a, b = (factors[w.name] for w in self.lora_factors(target))
-                merged[target] = lora.merged_kernel(
-                    kernel,
-                    a,
-                    b,
-                    self.scaling,
-                    self.lora_kernel(target).dtype,
-                    self._where(target),
-                )
+        if stored.merged and not stored.premerge:
+            # Only the merged function is known: this layer takes it on,
+            # merged, whatever state it was in.
+            for weight, value in zip(base, stored.base, strict=True):
+                weight.assign(value)
+            self._set_merged(stored_kernels, None, None)
+            return
+        kernels = stored.premerge if stored.merged else stored_kernels
+        factors = stored.factors
+        if factors is None:  # a stock layer's store: the adapter stays
+            factors = self._own_factors_or_live()
+        merged = self.merged_kernels_from(kernels, factors)
         # Every value is known and checked: assign.
         for weight, value in zip(base, stored.base, strict=True):
             weight.assign(value)
-        for weight in self.lora_weights:
-            weight.assign(factors[weight.name])
+        if self._lora_merged:
+            self._set_merged(merged, dict(kernels), dict(factors))
+        else:
+            self._set_unmerged(kernels, factors)
+
+    def _own_factors_or_live(self):
+        if self._lora_merged and self._premerge_factors is None:
+            return {w.name: lora.to_numpy(w) for w in self.lora_weights}
+        return self.factor_values()
+
+    def merged_kernels_from(self, kernels, factors):
+        """`{target: W + s*A@B}` from the given kernels and factors when this
+        layer is merged (checked finite), else `{}`."""
+        if not self._lora_merged:
+            return {}
+        merged = {}
         for target, kernel in kernels.items():
-            self.lora_kernel(target).assign(merged.get(target, kernel))
-        self._premerge_kernels = (
-            {t: np.array(k) for t, k in kernels.items()}
-            if self._lora_merged
-            else {}
+            a, b = (factors[w.name] for w in self.lora_factors(target))
+            merged[target] = lora.merged_kernel(
+                kernel,
+                a,
+                b,
+                self.scaling,
+                self.lora_kernel(target).dtype,
+                self._where(target),
+            )
+        return merged
+
+    def lora_config_entries(self):
+        """The constructor arguments this mixin adds, for `get_config`."""
+        return {
+            **self.lora_config.to_dict(),
+            MERGED_KEY: self._lora_merged,
+            "trainable_base_weights": (
+                None
+                if self.trainable_base_weights is None
+                else list(self.trainable_base_weights)
+            ),
+        }
+
+
+def _check_trainable_base_weights(names):
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            "Received an invalid value for `trainable_base_weights`, "
+            "expected None or a sequence of weight names such as "
+            f"('bias',). Received: trainable_base_weights={names!r}"
         )
+    return tuple(names)
 
 
 def _array(value):
@@ -283,27 +470,19 @@ def _read_store(layer, store):
     """Reads `store` for `layer`: every key known, every shape right, or a
     `ValueError` naming the layer."""
     keys = set(store.keys())
-    base_weights = layer._base_weights()
+    base_weights = layer.base_weights()
     factor_weights = layer.lora_weights
     names = {w.name for w in factor_weights}
     premerge_keys = {_premerge_key(layer, t): t for t in layer.lora_targets}
-    numeric = sorted(int(k) for k in keys if k.isdigit())
-    n_base = len(base_weights)
-    # 0.1.0 stored every weight by position: the stock ones, then factors.
-    legacy = (
-        not names & keys
-        and bool(factor_weights)
-        and numeric == list(range(n_base + len(factor_weights)))
-    )
-    unknown = keys - {str(i) for i in numeric} - names - {MERGED_KEY}
-    unknown -= set(premerge_keys)
-    if unknown or not (legacy or numeric == list(range(n_base))):
+    positions = {str(i) for i in range(len(base_weights))}
+    unknown = keys - positions - names - {MERGED_KEY} - set(premerge_keys)
+    if unknown or not positions <= keys:
         raise ValueError(
             f"'{layer.name}' ({type(layer).__name__}) cannot load the "
             f"stored weights {sorted(keys)}: it expects the stock weights "
-            f"'0'..'{n_base - 1}', optionally the factors {sorted(names)}, "
-            f"'{MERGED_KEY}' and the pre-merge kernels. Was the file saved "
-            "from another architecture?"
+            f"'0'..'{len(base_weights) - 1}', optionally the factors "
+            f"{sorted(names)}, '{MERGED_KEY}' and the pre-merge kernels. "
+            "Was the file saved from another architecture?"
         )
 
     def read(key, weight):
@@ -318,12 +497,7 @@ def _read_store(layer, store):
 
     base = [read(f"{i}", w) for i, w in enumerate(base_weights)]
     factors = None
-    if legacy:
-        factors = {
-            w.name: read(f"{n_base + i}", w)
-            for i, w in enumerate(factor_weights)
-        }
-    elif names & keys:
+    if names & keys:
         if names - keys:
             raise ValueError(
                 f"'{layer.name}': the stored weights lack the factors "
@@ -335,14 +509,20 @@ def _read_store(layer, store):
         for key, target in premerge_keys.items()
         if key in keys
     }
-    if MERGED_KEY in keys:
-        merged = bool(_array(store[MERGED_KEY]))
-    else:  # 0.1.0 wrote pre-merge kernels exactly when merged
-        merged = bool(premerge)
-    if merged and (factors is None or set(premerge) != set(layer.lora_targets)):
+    merged = MERGED_KEY in keys and bool(_array(store[MERGED_KEY]))
+    if (
+        merged
+        and premerge
+        and (factors is None or set(premerge) != set(layer.lora_targets))
+    ):
         raise ValueError(
             f"'{layer.name}': the stored weights say they are merged but "
-            "lack the factors or the pre-merge kernels needed to restore "
+            "lack the factors or some pre-merge kernels needed to restore "
             "them."
+        )
+    if premerge and not merged:
+        raise ValueError(
+            f"'{layer.name}': the stored weights hold pre-merge kernels but "
+            "say they are not merged."
         )
     return _Stored(base, factors, merged, premerge)

@@ -20,18 +20,20 @@ _ROLES = {
 }
 
 
-class _ModelTypeError(TypeError, ValueError):
-    """Not a Keras model. Also a `ValueError`, which 0.1.0 raised here."""
-
-
 def check_model(model, function, built=False):
     """Checks the `model` argument of the model-level function `function`:
     a `TypeError` naming it for anything but a `keras.Model`."""
     if not isinstance(model, keras.Model):
-        raise _ModelTypeError(
+        raise TypeError(
             f"`{function}` expects a keras.Model as `model`. Received: "
             f"model={type(model).__name__}"
             + (f" ({model!r})" if model is None else "")
+            + (
+                ": wrap the layer in a model first, e.g. "
+                "keras.Sequential([keras.Input(shape), layer])"
+                if isinstance(model, keras.layers.Layer)
+                else ""
+            )
         )
     if built and not model.built:
         raise ValueError(
@@ -40,10 +42,9 @@ def check_model(model, function, built=False):
         )
 
 
-def iter_layers(layer, path=None):
-    """Yields `(path, layer)` for `layer` and everything inside it."""
-    path = layer.name if path is None else path
-    yield path, layer
+def child_layers(layer):
+    """`(name, child)` for the layers directly inside `layer`: a model's
+    layers by name, a wrapper's parts by role."""
     children = []
     if isinstance(layer, keras.Model):
         children = [(child.name, child) for child in layer.layers]
@@ -53,7 +54,14 @@ def iter_layers(layer, path=None):
             children.append((role, child))
     stacked = getattr(layer, "cells", None) or []
     children.extend((str(i), child) for i, child in enumerate(stacked))
-    for name, child in children:
+    return children
+
+
+def iter_layers(layer, path=None):
+    """Yields `(path, layer)` for `layer` and everything inside it."""
+    path = layer.name if path is None else path
+    yield path, layer
+    for name, child in child_layers(layer):
         yield from iter_layers(child, f"{path}/{name}")
 
 
@@ -66,6 +74,21 @@ def lora_adapters(model):
         for path, layer in iter_layers(model)
         if isinstance(layer, MergeableLoRA)
     }
+
+
+def require_adapters(model, function):
+    """`lora_adapters(model)`, or a `ValueError` saying to convert the
+    model first when it has none."""
+    check_model(model, function)
+    adapters = lora_adapters(model)
+    if not adapters:
+        raise ValueError(
+            f"`{function}` found no LoRA cell or layer in model "
+            f"'{model.name}'. Convert it first: "
+            "`keras_rnn_lora.enable_lora(model, rank=...)`, or build it from "
+            "an adapter file: `keras_rnn_lora.load_lora_model(model, path)`."
+        )
+    return adapters
 
 
 def lora_cells(model):

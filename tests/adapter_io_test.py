@@ -14,6 +14,7 @@ from example_models import sequential_model
 from example_models import x_batch
 
 import keras_rnn_lora
+from keras_rnn_lora.walk import lora_adapters
 from keras_rnn_lora.walk import lora_cells
 
 
@@ -75,7 +76,8 @@ def test_refuses_missing_layer(tmp_path):
     narrower = keras_rnn_lora.enable_lora(base, rank=2, layers=["gru"])
     with pytest.raises(ValueError, match="for layer 'bi/backward/cell'"):
         keras_rnn_lora.load_lora_weights(narrower, path)
-    keras_rnn_lora.load_lora_weights(narrower, path, strict=False)
+    with pytest.warns(UserWarning, match="skipped 5: in the file only"):
+        keras_rnn_lora.load_lora_weights(narrower, path, strict=False)
     wider_path = tmp_path / "narrow.lora.weights.h5"
     keras_rnn_lora.save_lora_weights(narrower, wider_path)
     wider = keras_rnn_lora.enable_lora(base, rank=2)
@@ -294,3 +296,187 @@ def test_adapter_files_respect_the_umask(umask, tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# -- files are read from inside themselves, within bounds ---------------------
+
+
+def _replace_with_outside_data(tmp_path, kind):
+    """An adapter file whose factor is stored outside it: HDF5 external raw
+    storage over a local file, or a virtual dataset over another file."""
+    base, path = saved_adapter(tmp_path)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(36, dtype="float32").tobytes())
+    with h5py.File(path, "r+") as file:
+        group = file["rnn/cell"]
+        del group[FACTOR]
+        if kind == "external":
+            group.create_dataset(
+                FACTOR,
+                shape=(2, 18),
+                dtype="float32",
+                external=[(str(secret), 0, 36 * 4)],
+            )
+        else:
+            other = tmp_path / "other.h5"
+            with h5py.File(other, "w") as source:
+                source.create_dataset("x", data=np.ones((2, 18), "float32"))
+            layout = h5py.VirtualLayout(shape=(2, 18), dtype="float32")
+            layout[:] = h5py.VirtualSource(str(other), "x", shape=(2, 18))
+            group.create_virtual_dataset(FACTOR, layout)
+    return base, path
+
+
+@pytest.mark.parametrize("kind", ["external", "virtual"])
+def test_factors_stored_outside_the_file_are_refused(kind, tmp_path):
+    base, path = _replace_with_outside_data(tmp_path, kind)
+    target, before = merged_target(base)
+    with pytest.raises(ValueError, match="outside itself.*refusing"):
+        keras_rnn_lora.load_lora_weights(target, path, strict=False)
+    assert_untouched(target, before)
+
+
+@pytest.mark.parametrize("where", ["group", "file"])
+def test_an_oversized_attribute_is_refused_and_never_echoed(where, tmp_path):
+    base, path = saved_adapter(tmp_path)
+    huge = "x" * 2_000_000
+    with h5py.File(path, "r+") as file:
+        item = file["rnn/cell"] if where == "group" else file
+        name = "class_name" if where == "group" else "format_version"
+        item.attrs[name] = huge
+    target, before = merged_target(base)
+    with pytest.raises(ValueError, match="longer than 4096 bytes") as error:
+        keras_rnn_lora.load_lora_weights(target, path)
+    assert len(str(error.value)) < 1000
+    assert_untouched(target, before)
+
+
+def test_a_wrong_attribute_is_shown_cut_short(tmp_path):
+    base, path = saved_adapter(tmp_path)
+    with h5py.File(path, "r+") as file:
+        file["rnn/cell"].attrs["class_name"] = "Y" * 3000
+    with pytest.raises(ValueError, match="class_name='YYY") as error:
+        keras_rnn_lora.load_lora_weights(merged_target(base)[0], path)
+    assert "(3,002 characters)" in str(error.value)
+    assert len(str(error.value)) < 1000
+
+
+@pytest.mark.parametrize("version", [1, 99, "2"])
+def test_an_unknown_format_version_is_refused(version, tmp_path):
+    base, path = saved_adapter(tmp_path)
+    with h5py.File(path, "r+") as file:
+        file.attrs["format_version"] = version
+    with pytest.raises(ValueError, match="format_version.*reads \\(2, 3\\)"):
+        keras_rnn_lora.load_lora_weights(merged_target(base)[0], path)
+
+
+def test_a_format_2_file_still_loads(tmp_path):
+    base, path = saved_adapter(tmp_path)
+    with h5py.File(path, "r+") as file:
+        file.attrs["format_version"] = 2
+        del file["rnn/cell"].attrs["lora_dropout"]
+    loaded = keras_rnn_lora.load_lora_model(base, path)
+    expected = trained_adapter(base, seed=1)
+    np.testing.assert_allclose(
+        to_numpy(loaded(x_batch(3))), to_numpy(expected(x_batch(3))), atol=1e-5
+    )
+
+
+def test_a_save_landing_during_a_load_never_mixes_two_files(tmp_path):
+    """The file is read through one handle: a save that replaces it (by
+    rename) while a load reads it changes nothing of what is loaded."""
+    from keras_rnn_lora import adapter_io
+
+    base = functional_model()
+    path = tmp_path / "a.lora.weights.h5"
+    first = trained_adapter(base, seed=1)
+    keras_rnn_lora.save_lora_weights(first, path)
+    second_path = tmp_path / "b.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(trained_adapter(base, seed=9), second_path)
+    read = adapter_io._AdapterFile.factors
+    swapped = []
+
+    def factors_then_swap(self, header):
+        values = read(self, header)
+        if not swapped:  # after the first layer, the other save lands
+            os.replace(second_path, path)
+            swapped.append(True)
+        return values
+
+    target = trained_adapter(base, seed=30)
+    try:
+        adapter_io._AdapterFile.factors = factors_then_swap
+        keras_rnn_lora.load_lora_weights(target, path)
+    finally:
+        adapter_io._AdapterFile.factors = read
+    assert swapped
+    np.testing.assert_allclose(
+        to_numpy(target(x_batch(3))), to_numpy(first(x_batch(3))), atol=1e-5
+    )
+
+
+# -- one call from a base model and a file ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"lora_targets": ("kernel", "recurrent", "dense"), "lora_alpha": 4.0},
+        {"use_rslora": True, "lora_dropout": 0.1},
+    ],
+    ids=["default", "every_target", "rslora_dropout"],
+)
+def test_load_lora_model_sets_up_the_adapters_from_the_file(settings, tmp_path):
+    base = functional_model()
+    trained = keras_rnn_lora.enable_lora(base, rank=2, **settings)
+    for i, adapter in enumerate(lora_adapters(trained).values()):
+        randomize_lora(adapter, seed=i)
+    path = tmp_path / "a.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(trained, path)
+    loaded = keras_rnn_lora.load_lora_model(base, path)
+    assert loaded is not base and not lora_adapters(base)
+    assert {
+        p: (type(a), a.lora_config) for p, a in lora_adapters(loaded).items()
+    } == {
+        p: (type(a), a.lora_config) for p, a in lora_adapters(trained).items()
+    }
+    np.testing.assert_allclose(
+        to_numpy(loaded(x_batch(3))), to_numpy(trained(x_batch(3))), atol=1e-5
+    )
+
+
+def test_load_lora_model_refuses_what_does_not_fit(tmp_path):
+    base, path = saved_adapter(tmp_path)
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        keras_rnn_lora.load_lora_model(trained_adapter(base), path)
+    retrained = sequential_model()
+    randomize_weights(retrained, seed=5)
+    with pytest.raises(ValueError, match="fingerprint mismatch"):
+        keras_rnn_lora.load_lora_model(retrained, path)
+    other = keras.Sequential(
+        [keras.Input((5, 4)), keras.layers.GRU(6, name="other")], name="o"
+    )
+    with pytest.raises(
+        ValueError, match="`layers`.*no layer named \\['rnn'\\]"
+    ):
+        keras_rnn_lora.load_lora_model(other, path)
+
+
+def test_loading_into_a_model_without_adapters_points_to_load_lora_model(
+    tmp_path,
+):
+    base, path = saved_adapter(tmp_path)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="`keras_rnn_lora.load_lora_model"):
+            keras_rnn_lora.load_lora_weights(base, path, strict=strict)
+
+
+def test_a_load_that_matches_nothing_is_an_error(tmp_path):
+    _, path = saved_adapter(tmp_path)
+    unrelated = keras_rnn_lora.enable_lora(functional_model(), rank=2)
+    before = [to_numpy(w) for w in unrelated.weights]
+    with pytest.raises(ValueError, match="matches no LoRA layer.*Nothing"):
+        keras_rnn_lora.load_lora_weights(unrelated, path, strict=False)
+    for b, w in zip(before, unrelated.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(w), b)

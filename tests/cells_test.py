@@ -9,6 +9,7 @@ from conftest import randomize_lora
 from conftest import stock_twin
 from conftest import to_numpy
 
+import keras_rnn_lora
 from keras_rnn_lora import LoRAGRUCell
 from keras_rnn_lora import LoRALSTMCell
 from keras_rnn_lora import LoRASimpleRNNCell
@@ -573,3 +574,27 @@ def test_kernel_regularizers_apply_to_the_effective_kernel(cls):
     assert model.losses == [] or all(
         float(to_numpy(loss)) == 0 for loss in model.losses
     )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LoRAGRUCell(UNITS, r=2),
+        lambda: keras_rnn_lora.LoRAGRU(UNITS, r=2),
+        lambda: keras_rnn_lora.LoRADense(UNITS, r=2),
+    ],
+    ids=["cell", "layer", "dense"],
+)
+def test_an_unknown_argument_is_named_with_the_class(make):
+    with pytest.raises(ValueError, match="passed to LoRA\\w+: \\{'r': 2\\}"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [*CELLS, keras_rnn_lora.LoRAGRU, keras_rnn_lora.LoRADense],
+    ids=lambda c: c.__name__,
+)
+def test_a_missing_rank_says_to_pass_it(cls):
+    with pytest.raises(TypeError, match=f"{cls.__name__} needs the LoRA rank"):
+        cls(UNITS)

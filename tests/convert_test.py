@@ -92,10 +92,9 @@ def test_errors_of_enable_lora():
     lora_model = keras_rnn_lora.enable_lora(sequential_model(), rank=2)
     with pytest.raises(ValueError, match="already carries LoRA"):
         keras_rnn_lora.enable_lora(lora_model, rank=2)
-    with pytest.raises(ValueError, match="Cell 'gru_cell[_0-9]*': .*`rank`"):
+    with pytest.raises(ValueError, match="Layer 'rnn': .*`rank`"):
         keras_rnn_lora.enable_lora(sequential_model(), rank=99)
-    # Also a ValueError, as 0.1.0 raised.
-    with pytest.raises(ValueError, match="expects a keras.Model as `model`"):
+    with pytest.raises(TypeError, match="expects a keras.Model as `model`"):
         keras_rnn_lora.enable_lora(keras.layers.GRU(3), rank=1)
 
 
@@ -242,3 +241,24 @@ def test_enable_lora_validates_base_dtype(base_dtype):
         keras_rnn_lora.enable_lora(
             sequential_model(), rank=2, base_dtype=base_dtype
         )
+
+
+def test_an_unknown_setting_is_named():
+    with pytest.raises(
+        TypeError, match="unexpected keyword arguments \\['r'\\]"
+    ):
+        keras_rnn_lora.enable_lora(sequential_model(), r=4)
+    with pytest.raises(TypeError, match="\\['lora_merged'\\]"):
+        keras_rnn_lora.enable_lora(sequential_model(), rank=2, lora_merged=1)
+
+
+def test_naming_a_layer_no_target_covers_gives_the_target_to_add():
+    with pytest.raises(
+        ValueError, match="\\['head'\\] would need `lora_targets`.*'dense'"
+    ):
+        keras_rnn_lora.enable_lora(sequential_model(), rank=2, layers=["head"])
+
+
+def test_a_layer_is_named_when_its_rank_is_too_large():
+    with pytest.raises(ValueError, match="Layer 'gru': .*`rank`.*\\(6\\)"):
+        keras_rnn_lora.enable_lora(functional_model(), rank=99, layers="gru")

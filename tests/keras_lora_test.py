@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -288,8 +289,40 @@ def test_errors_name_the_argument():
         )
     with pytest.raises(ValueError, match="`lora_targets`"):
         keras_rnn_lora.LoRAGRUCell(4, rank=2, lora_targets="dense")
-    tokens = keras.Input((STEPS,), dtype="int32")
-    keras_lora = keras.layers.Dense(3, lora_rank=2, name="d")
-    model = keras.Model(tokens, keras_lora(keras.ops.cast(tokens, "float32")))
-    with pytest.raises(ValueError, match="'d' already has Keras' own LoRA"):
-        keras_rnn_lora.enable_lora(model, rank=2, lora_targets="dense")
+    inputs = keras.Input((STEPS, 4))
+    conv = keras.layers.Conv1D(3, 2, name="conv")
+    outputs = keras.layers.GRU(3)(conv(inputs))
+    conv.enable_lora(2)
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(ValueError, match="'conv' \\(Conv1D\\) has Keras' own"):
+        keras_rnn_lora.enable_lora(model, rank=2)
+
+
+@pytest.mark.parametrize("targets", [("recurrent",), ("recurrent", "dense")])
+def test_keras_own_lora_is_adopted_as_an_adapter(targets, tmp_path):
+    """A Dense whose Keras LoRA was enabled before `enable_lora` keeps its
+    factors, trains them after `mark_only_lora_as_trainable`, and its
+    adapter goes into the adapter file."""
+    inputs = keras.Input((STEPS, 4))
+    hidden = keras.layers.GRU(5, name="gru")(inputs)
+    head = keras.layers.Dense(3, name="head")
+    model = keras.Model(inputs, head(hidden))
+    head.enable_lora(2, lora_alpha=4)
+    rng = np.random.default_rng(0)
+    for weight in (head.lora_kernel_a, head.lora_kernel_b):
+        weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    x = np.random.default_rng(1).normal(size=(2, STEPS, 4)).astype("float32")
+    expected = to_numpy(model(x))
+    lora_model = keras_rnn_lora.enable_lora(model, rank=2, lora_targets=targets)
+    adopted = lora_adapters(lora_model)["head"]
+    assert isinstance(adopted, LoRADense)
+    assert adopted.rank == 2 and adopted.scaling == 2.0
+    np.testing.assert_allclose(to_numpy(lora_model(x)), expected, atol=1e-5)
+    keras_rnn_lora.mark_only_lora_as_trainable(lora_model)
+    assert {id(w) for w in adopted.lora_weights} <= {
+        id(w) for w in lora_model.trainable_weights
+    }
+    path = tmp_path / "a.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(lora_model, path)
+    with h5py.File(path) as file:
+        assert "head" in file

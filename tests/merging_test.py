@@ -13,10 +13,12 @@ from cells_test import make_cell
 from cells_test import outputs
 from cells_test import sequences
 from cells_test import small_model
+from conftest import BACKEND
 from conftest import randomize_lora
 from conftest import to_numpy
 
 from keras_rnn_lora import LoRAGRUCell
+from keras_rnn_lora.walk import lora_adapters
 
 
 @pytest.mark.parametrize("targets", TARGETS, ids="+".join)
@@ -202,3 +204,260 @@ def test_set_lora_factors_checks_before_assigning():
     assert cell.lora_merged
     cell.unmerge_lora()
     np.testing.assert_array_equal(to_numpy(cell.lora_weights[0]), a * 2)
+
+
+# -- what a layer computes reaches every compiled function ---------------------
+
+
+def _adapted(seed=0):
+    """A model with every kind of adapter (recurrent cells, input kernels,
+    Keras' Dense), compiled, with non-zero factors."""
+    from example_models import functional_model
+
+    import keras_rnn_lora
+
+    lora_model = keras_rnn_lora.enable_lora(
+        functional_model(),
+        rank=2,
+        lora_targets=("kernel", "recurrent", "dense"),
+    )
+    for i, adapter in enumerate(lora_adapters(lora_model).values()):
+        randomize_lora(adapter, seed=seed + i)
+    lora_model.compile(optimizer="adam", loss="mse")
+    return lora_model
+
+
+def _user_function(model):
+    """A compiled function a user writes around the model: a `tf.function`
+    on TensorFlow, a `jax.jit` over the model's state on JAX (the
+    variables' values go in as arguments), the model itself on torch."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: model(x))
+    if BACKEND == "jax":
+        import jax
+
+        variables = model.variables
+
+        @jax.jit
+        def run(values, x):
+            with keras.StatelessScope(
+                state_mapping=list(zip(variables, values, strict=True))
+            ):
+                return model(x)
+
+        return lambda x: run([v.value for v in variables], x)
+    return model
+
+
+def _change(name, model, tmp_path):
+    import keras_rnn_lora
+
+    if name == "merge":
+        keras_rnn_lora.merge_lora(model)
+    elif name == "unmerge":
+        keras_rnn_lora.unmerge_lora(model)
+    elif name == "merge(reset=True)":
+        keras_rnn_lora.merge_lora(model, reset=True)
+    elif name == "adapter load":
+        path = tmp_path / "other.lora.weights.h5"
+        other = _adapted(seed=50)
+        keras_rnn_lora.save_lora_weights(other, path)
+        keras_rnn_lora.load_lora_weights(model, path, strict=False)
+    elif name == "mark_only_lora_as_trainable":
+        keras_rnn_lora.mark_only_lora_as_trainable(model)
+
+
+CHANGES = [
+    "merge",
+    "unmerge",
+    "merge(reset=True)",
+    "adapter load",
+    "mark_only_lora_as_trainable",
+]
+
+
+@pytest.mark.parametrize("start_merged", [False, True], ids=["from", "merged"])
+@pytest.mark.parametrize("change", CHANGES)
+def test_functions_compiled_before_a_change_compute_after_it(
+    change, start_merged, tmp_path
+):
+    """`predict`, `evaluate` and a user's compiled function, traced before
+    a merge, an unmerge, a reset, an adapter load or a change of what
+    trains, compute the model as it is after it (non-zero factors)."""
+    from example_models import x_batch
+
+    import keras_rnn_lora
+
+    model = _adapted()
+    if start_merged:
+        keras_rnn_lora.merge_lora(model)
+    x = x_batch(3, batch=4)
+    y = np.zeros((4, 2), "float32")
+    user = _user_function(model)
+    model.predict(x, verbose=0)  # trace everything before the change
+    model.evaluate(x, y, verbose=0)
+    to_numpy(user(x))
+    _change(change, model, tmp_path)
+    # The reference: a fresh stock model of the changed one.
+    expected = to_numpy(keras_rnn_lora.to_base_model(model)(x))
+    np.testing.assert_allclose(to_numpy(model(x)), expected, atol=1e-5)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(user(x)), expected, atol=1e-5)
+    mse = float(np.mean(expected**2))
+    np.testing.assert_allclose(model.evaluate(x, y, verbose=0), mse, rtol=1e-4)
+
+
+def test_fit_after_a_reset_trains_the_fresh_adapter_only():
+    """A model fitted, merged with `reset=True`, then fitted again without
+    recompiling by hand: the new adapter learns, the merged kernels stay."""
+    from example_models import x_batch
+
+    import keras_rnn_lora
+
+    model = _adapted()
+    keras_rnn_lora.mark_only_lora_as_trainable(model)
+    x, y = x_batch(3, batch=8), np.ones((8, 2), "float32")
+    model.fit(x, y, epochs=1, verbose=0)
+    keras_rnn_lora.merge_lora(model, reset=True)
+    adapters = lora_adapters(model).values()
+    kernels = {
+        id(a): [to_numpy(a.lora_kernel(t)) for t in a.lora_targets]
+        for a in adapters
+    }
+    model.fit(x, y, epochs=2, verbose=0)
+    for adapter in adapters:
+        for kernel, before in zip(
+            (adapter.lora_kernel(t) for t in adapter.lora_targets),
+            kernels[id(adapter)],
+            strict=True,
+        ):
+            np.testing.assert_array_equal(to_numpy(kernel), before)
+        assert np.any(to_numpy(adapter.lora_weights[1]) != 0)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), to_numpy(model(x)), atol=1e-5
+    )
+
+
+def test_merged_live_factors_are_zero_and_the_adapter_is_kept():
+    cell = make_cell(LoRAGRUCell)
+    built_rnn(cell)
+    randomize_lora(cell)
+    values = cell.factor_values()
+    cell.merge_lora()
+    a, b = cell.lora_weights
+    assert not np.any(to_numpy(b))
+    for name, value in cell.factor_values().items():
+        np.testing.assert_array_equal(value, values[name])
+
+
+def test_unmerge_keeps_a_factor_the_user_froze():
+    cell = make_cell(LoRAGRUCell)
+    built_rnn(cell)
+    cell.lora_weights[0].trainable = False
+    cell.merge_lora()
+    cell.unmerge_lora()
+    assert [w.trainable for w in cell.lora_weights] == [False, True]
+
+
+# -- a merged layer rebuilt from its config ------------------------------------
+
+
+def _merged_clone():
+    from example_models import sequential_model
+    from example_models import x_batch
+
+    import keras_rnn_lora
+
+    model = keras_rnn_lora.enable_lora(sequential_model(), rank=2)
+    randomize_lora(lora_adapters(model)["rnn/cell"])
+    keras_rnn_lora.merge_lora(model)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    x = x_batch(2)
+    return model, clone, x
+
+
+def test_a_merged_clone_computes_the_merged_model():
+    import keras_rnn_lora
+
+    model, clone, x = _merged_clone()
+    np.testing.assert_allclose(
+        to_numpy(clone(x)), to_numpy(model(x)), atol=1e-6
+    )
+    base = keras_rnn_lora.to_base_model(clone)
+    np.testing.assert_allclose(to_numpy(base(x)), to_numpy(model(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("call", ["unmerge_lora", "save_lora_weights"])
+def test_a_merged_clone_says_what_it_lacks(call, tmp_path):
+    """`set_weights` carries the merged kernel, not the adapter it merged:
+    unmerging or saving the adapter says so, and how to keep it."""
+    import keras_rnn_lora
+
+    _, clone, _ = _merged_clone()
+    before = [to_numpy(w) for w in clone.weights]
+    with pytest.raises(ValueError, match="not known here.*`set_weights`"):
+        if call == "unmerge_lora":
+            keras_rnn_lora.unmerge_lora(clone)
+        else:
+            keras_rnn_lora.save_lora_weights(
+                clone, tmp_path / "a.lora.weights.h5"
+            )
+    for b, w in zip(before, clone.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(w), b)
+
+
+def test_a_merged_clone_saves_and_loads_its_merged_function(tmp_path):
+    model, clone, x = _merged_clone()
+    clone.save(tmp_path / "clone.keras")
+    loaded = keras.saving.load_model(tmp_path / "clone.keras")
+    np.testing.assert_allclose(
+        to_numpy(loaded(x)), to_numpy(model(x)), atol=1e-6
+    )
+
+
+# -- half-precision kernels ----------------------------------------------------
+
+
+def test_merging_into_a_bfloat16_kernel_is_refused():
+    from example_models import sequential_model
+    from example_models import x_batch
+
+    import keras_rnn_lora
+
+    model = keras_rnn_lora.enable_lora(
+        sequential_model(), rank=2, base_dtype="bfloat16"
+    )
+    cell = lora_adapters(model)["rnn/cell"]
+    randomize_lora(cell, scale=0.02)
+    before = [to_numpy(w) for w in model.weights]
+    for reset in (False, True):
+        with pytest.raises(ValueError, match="bfloat16 kernel.*round away"):
+            keras_rnn_lora.merge_lora(model, reset=reset)
+    for b, w in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(w), b)
+    with pytest.raises(ValueError, match="dtype='float32'"):
+        keras_rnn_lora.to_base_model(model)
+    base = keras_rnn_lora.to_base_model(model, dtype="float32")
+    assert base.get_layer("rnn").cell.recurrent_kernel.dtype == "float32"
+    x = x_batch(2)
+    np.testing.assert_allclose(
+        to_numpy(base(x)), to_numpy(model(x)).astype("float32"), atol=0.05
+    )
+    # The float32 kernel holds the whole update.
+    a, b = (to_numpy(w).astype("float64") for w in cell.lora_weights)
+    expected = to_numpy(cell.recurrent_kernel).astype("float64")
+    expected += cell.scaling * a @ b
+    np.testing.assert_allclose(
+        to_numpy(base.get_layer("rnn").cell.recurrent_kernel),
+        expected,
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    # A fresh adapter (B = 0) merges: nothing to lose.
+    fresh = keras_rnn_lora.enable_lora(
+        sequential_model(), rank=2, base_dtype="bfloat16"
+    )
+    keras_rnn_lora.merge_lora(fresh, reset=True)

@@ -533,4 +533,4 @@ def to_base_model(model, dtype=None):
         config = _with_dtype(config, policy)
     base = keras.saving.deserialize_keras_object(config)
     _copy_base_weights(model, base, merged_values)
-    return compile_like(base, model)
+    return compile_like(base, model, build=True)

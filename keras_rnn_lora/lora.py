@@ -327,7 +327,8 @@ def merged_kernel(base, a, b, scaling, dtype, where):
             @ np.asarray(b, "float32").astype("float64")
         )
         merged = (base64 + delta).astype("float32")
-    merged = to_numpy(ops.cast(merged, dtype))
+    with np.errstate(over="ignore"):  # an overflow is refused just below
+        merged = to_numpy(ops.cast(merged, dtype))
     check_finite(merged, f"the merged kernel of {where}")
     dtype = keras.backend.standardize_dtype(dtype)
     update = np.linalg.norm(delta)

@@ -476,6 +476,15 @@ def _read_store(layer, store):
     premerge_keys = {_premerge_key(layer, t): t for t in layer.lora_targets}
     positions = {str(i) for i in range(len(base_weights))}
     unknown = keys - positions - names - {MERGED_KEY} - set(premerge_keys)
+    if not keys and positions:
+        raise ValueError(
+            f"'{layer.name}' ({type(layer).__name__}) found no stored "
+            "weights. Keras files key layers by class name, so a file saved "
+            "from a stock model holds this layer under its stock class's "
+            "name, which the LoRA layer cannot read (layers loaded before "
+            "this one may already hold the file's weights). Load the file "
+            "into the stock model, then `keras_rnn_lora.enable_lora` it."
+        )
     if unknown or not positions <= keys:
         raise ValueError(
             f"'{layer.name}' ({type(layer).__name__}) cannot load the "

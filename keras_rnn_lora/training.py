@@ -45,12 +45,15 @@ def recompile(model):
     return model
 
 
-def compile_like(model, source):
+def compile_like(model, source, build=False):
     """Compiles `model` with the settings `source` was compiled with, if it
-    was (a fresh optimizer of the same configuration, built at the first
-    `fit` over what trains then)."""
+    was: a fresh optimizer of the same configuration, built over what
+    trains now with `build=True` (as Keras does when it loads a model),
+    else at the first `fit`."""
     if getattr(source, "compiled", False):
         _compile_from(model, source, source.get_compile_config())
+        if build and model.compiled and model.optimizer is not None:
+            model.optimizer.build(model.trainable_variables)
     return model
 
 

@@ -461,3 +461,20 @@ def test_merging_into_a_bfloat16_kernel_is_refused():
         sequential_model(), rank=2, base_dtype="bfloat16"
     )
     keras_rnn_lora.merge_lora(fresh, reset=True)
+
+
+def test_a_stock_weights_file_says_how_to_load_it(tmp_path):
+    """Keras keys a weights file by class name: a stock model's file cannot
+    reach the LoRA layers, and the error says what to do instead."""
+    from example_models import functional_model
+
+    import keras_rnn_lora
+
+    base = functional_model()
+    path = tmp_path / "base.weights.h5"
+    base.save_weights(path)
+    lora_model = keras_rnn_lora.enable_lora(base, rank=2)
+    with pytest.raises(
+        ValueError, match="found no stored weights.*enable_lora"
+    ):
+        lora_model.load_weights(path)

@@ -506,3 +506,19 @@ def test_export_of_a_translator_with_adapters_on_every_layer(
         LOAD_AND_TRANSLATE, path, json.dumps(SENTENCES), cwd=tmp_path
     )
     assert json.loads(stdout.split("RESULT", 1)[1]) == expected
+
+
+def test_only_ascii_decimal_folders_are_versions(tmp_path):
+    # `str.isdigit` accepts "²" (which `int` refuses) and "٣" (which `int`
+    # reads as 3): neither is a version TF Serving would serve.
+    model_dir = tmp_path / "iwslt_en_de"
+    stray_staging = f".tmp-{socket.gethostname()}-²-abc"  # not a process id
+    for name in ("²", "٣", "1", "x1", stray_staging):
+        (model_dir / name).mkdir(parents=True)
+    assert serving_versions.versions(str(model_dir)) == [1]
+    with serving_versions.staging_folder(str(model_dir)) as staging:
+        published(os.path.join(staging, "export"), "new")
+        path = serving_versions.publish(
+            os.path.join(staging, "export"), str(model_dir)
+        )
+    assert path == str(model_dir / "2")

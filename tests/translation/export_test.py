@@ -435,14 +435,24 @@ def test_version_must_be_a_positive_integer(translator, tmp_path, version):
     assert not (tmp_path / "iwslt_en_de" / "True").exists()
 
 
-def test_export_refuses_a_non_finite_adapter(translator, tmp_path):
+@pytest.mark.parametrize(
+    "where,merge",
+    [("adapter", True), ("adapter", False), ("base", True), ("base", False)],
+)
+def test_export_refuses_a_non_finite_weight(translator, tmp_path, where, merge):
+    # Unmerged (`merge=False`) or outside any adapter, nothing else checks.
     model, preprocessor = translator
-    cell = next(iter(lora_cells(model).values()))
-    value = keras.ops.convert_to_numpy(cell.lora_weights[1]).copy()
-    value[0, 0] = np.inf
-    cell.lora_weights[1].assign(value)
+    if where == "adapter":
+        weight = next(iter(lora_cells(model).values())).lora_weights[1]
+    else:  # a weight no adapter touches
+        weight = next(w for w in model.weights if "logits" in w.path)
+    value = keras.ops.convert_to_numpy(weight).copy()
+    value[0, 0] = np.nan if where == "base" else np.inf
+    weight.assign(value)
     with pytest.raises(ValueError, match="non-finite"):
-        export.export_translator(model, with_length(preprocessor, 4), tmp_path)
+        export.export_translator(
+            model, with_length(preprocessor, 4), tmp_path, merge=merge
+        )
     # Refused before anything was written.
     assert not (tmp_path / "iwslt_en_de").exists()
 

@@ -12,14 +12,13 @@ import keras
 import numpy as np
 import pytest
 from conftest import BACKEND
-from conftest import iwslt_dir
+from translators import train_tokenizers
+from translators import translator_for
 
 import keras_rnn_lora
 from keras_rnn_lora.translation import evaluation
 from keras_rnn_lora.translation import export
-from keras_rnn_lora.translation import iwslt2017
 from keras_rnn_lora.translation import serving_versions
-from keras_rnn_lora.translation.model import build_translator
 from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
 from keras_rnn_lora.walk import iter_layers
 from keras_rnn_lora.walk import lora_cells
@@ -36,10 +35,8 @@ MAX_LENGTH = 12
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    pairs = iwslt2017.read_pairs("train", iwslt_dir(), max_pairs=2000)
     directory = str(tmp_path_factory.mktemp("tokenizers"))
-    TranslationPreprocessor.train(pairs, directory, 600, max_length=MAX_LENGTH)
-    return directory
+    return train_tokenizers(directory, 2000, 600, MAX_LENGTH)
 
 
 def with_length(preprocessor, max_length):
@@ -53,13 +50,7 @@ def with_length(preprocessor, max_length):
 def translator(tokenizer_dir):
     """A small LoRA translator with non-zero factors, and its preprocessor."""
     preprocessor = TranslationPreprocessor.load(tokenizer_dir)
-    model = build_translator(
-        preprocessor.source_vocabulary_size,
-        preprocessor.target_vocabulary_size,
-        embedding_dim=16,
-        units=32,
-    )
-    model = keras_rnn_lora.enable_lora(model, rank=2)
+    model = keras_rnn_lora.enable_lora(translator_for(preprocessor), rank=2)
     rng = np.random.default_rng(0)
     for cell in lora_cells(model).values():
         for w in cell.lora_weights:
@@ -489,14 +480,8 @@ def test_export_of_a_translator_with_adapters_on_every_layer(
     """Recurrent, Dense and Embedding adapters all merge into the served
     graph, which still needs nothing of this library."""
     preprocessor = TranslationPreprocessor.load(tokenizer_dir)
-    model = build_translator(
-        preprocessor.source_vocabulary_size,
-        preprocessor.target_vocabulary_size,
-        embedding_dim=16,
-        units=32,
-    )
     model = keras_rnn_lora.enable_lora(
-        model,
+        translator_for(preprocessor),
         rank=2,
         lora_targets=("recurrent", "kernel", "dense", "embedding"),
     )

@@ -96,9 +96,7 @@ def path(args, *parts):
 
 
 def _setup(args, seed):
-    """Seeds everything, then loads the data and the tokenizers (in this
-    order: on TensorFlow, seeding resets the eager context, which would
-    destroy tokenizers loaded before it)."""
+    """Seeds everything, then loads the data and the tokenizers."""
     import keras
 
     keras.utils.set_random_seed(seed)

@@ -118,6 +118,8 @@ def write_savedmodel(model, preprocessor, path, name):
     backend): the signatures and the warmup records."""
     import tensorflow as tf
 
+    # Before tracing: the graph must capture live tokenizer resources.
+    preprocessor.revive_tokenizers()
     module = _translator_module(model, preprocessor)
     with _fused_kernels_off(model):
         tf.saved_model.save(

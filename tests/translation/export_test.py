@@ -153,6 +153,19 @@ def test_signatures_and_ops_are_servable(translator, tmp_path):
 
 
 @tensorflow_only
+def test_export_after_seeding(translator, tmp_path):
+    import tensorflow as tf
+
+    model, preprocessor = translator
+    keras.utils.set_random_seed(5)  # clears TensorFlow's resources
+    path = export.export_translator(model, preprocessor, tmp_path)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    out = serve(text=tf.constant(SENTENCES))["translation"].numpy()
+    expected = evaluation.translate(model, preprocessor, SENTENCES)
+    assert [t.decode() for t in out] == expected
+
+
+@tensorflow_only
 def test_warmup_and_hostile_inputs(translator, tmp_path):
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2

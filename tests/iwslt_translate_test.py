@@ -450,3 +450,72 @@ def test_bad_arguments_give_one_clear_line(args, message, tmp_path):
     # Refused before any work: nothing trained, nothing exported.
     assert not (tmp_path / "export").exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_run_leaves_its_output_folder_free(tmp_path):
+    out = tmp_path / "out"
+    base = [
+        "--smoke",
+        "--data-dir",
+        iwslt_dir(),
+        "--output-dir",
+        str(out),
+        "--export-dir",
+        str(tmp_path / "export"),
+    ]
+    # --smoke: 200 new pairs, chunks of 32 (a batch) + 10 held out.
+    refused = run([*base, "--increments", "1000"], timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    assert "--increments 4 or fewer (now 1000)" in refused.stderr
+    assert not out.exists()
+    # The next run into the folder is judged on its own settings.
+    again = run([*base, "--increments", "999"], timeout=300)
+    assert "holds a run with other settings" not in again.stderr
+    assert "--increments 4 or fewer (now 999)" in again.stderr
+
+
+def broken_data(kind, root):
+    """A data folder (or archive) that cannot be read, and the file its
+    error must name."""
+    from translation.iwslt2017_test import pack
+    from translation.iwslt2017_test import tiny_release
+
+    if kind == "empty folder":
+        (root / "data").mkdir()
+        return root / "data", "data holds neither"
+    folder = tiny_release(root / "data")
+    if kind == "missing file":
+        os.remove(folder / "IWSLT17.TED.tst2014.en-de.en.xml")
+        return root / "data", "tst2014.en-de.en.xml"
+    if kind == "truncated file":
+        path = folder / "IWSLT17.TED.dev2010.en-de.de.xml"
+        path.write_bytes(path.read_bytes()[:150])
+        return root / "data", "dev2010.en-de.de.xml"
+    archive = pack(folder, root / "en-de.tgz")
+    archive.write_bytes(archive.read_bytes()[:200])
+    return archive, "en-de.tgz: truncated"
+
+
+@pytest.mark.parametrize(
+    "kind", ["empty folder", "missing file", "truncated file", "archive"]
+)
+def test_unreadable_data_gives_one_clear_line(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("KERAS_RNN_LORA_CACHE", str(tmp_path / "cache"))
+    data, names = broken_data(kind, tmp_path)
+    result = run(
+        [
+            "--smoke",
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"iwslt_translate.py: error: --data-dir {data}")
+    assert names in error
+    assert not (tmp_path / "out").exists()

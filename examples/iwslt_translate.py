@@ -59,15 +59,16 @@ def main(argv=None):
     # written, so a refused run leaves no trace in --output-dir.
     try:
         split = Split(args)
-        key = settings.run_key(args, data_fingerprint(args))
+        fingerprint = data_fingerprint(args)
     except DataRefused as error:
         parser.error(str(error))
     os.makedirs(args.output_dir, exist_ok=True)
     with jobs.run_lock(args.output_dir):
-        run(parser, args, split, key)
+        run(parser, args, split, fingerprint)
 
 
-def run(parser, args, split, key):
+def run(parser, args, split, fingerprint):
+    key = settings.run_key(args, fingerprint)
     key_path = os.path.join(args.output_dir, "run_key.txt")
     if os.path.exists(key_path) and open(key_path).read() != key:
         parser.error(
@@ -100,6 +101,7 @@ def run(parser, args, split, key):
         jobs.run_in_child(costs.step_timing, args, learning, bool(points))
     # -- Evaluate and export.
     results = report.collect(args, split.sizes())
+    results["data_fingerprint"] = fingerprint
     lora_arms = [a for a in learning if "targets" in settings.ARMS[a]]
     if lora_arms:
         best = min(

@@ -305,6 +305,22 @@ def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
     assert "== " not in again.stdout.split("# IWSLT")[0]
     assert "Reusing the export" in again.stdout
     assert os.listdir(tmp_path / "export" / "iwslt_en_de") == ["1"]
+    # What a setting outside the run key changes is done again: the export
+    # to a new --export-dir, the timing with other --timing-rounds.
+    changed = run(
+        [*args, "--export-dir", "export2", "--timing-rounds", "3"],
+        cwd=tmp_path,
+    )
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "Reusing the export" not in changed.stdout
+    assert os.listdir(tmp_path / "export2" / "iwslt_en_de") == ["1"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["timing_rounds"] == 3
+    assert results["timing"]["rounds"] == 3
+    assert results["arms"]["lora"]["step_seconds"]["n"] == 3
+    assert results["export"]["path"] == os.path.join(
+        "..", "export2", "iwslt_en_de", "1"
+    )
 
 
 def test_a_backup_cut_off_mid_write_leaves_the_previous_one(tmp_path):

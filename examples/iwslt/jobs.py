@@ -369,8 +369,9 @@ def _frozen(args, directory, result_path):
 
 def export(args, arm):
     """Exports seed 0's final model of `arm` (merged when it was saved) for
-    TensorFlow Serving; a run started again exports only if that model or
-    the tokenizers changed, and otherwise names the version it wrote."""
+    TensorFlow Serving; a run started again exports only if that model, the
+    tokenizers or `--export-dir` changed, and otherwise names the version
+    it wrote."""
     import hashlib
 
     import keras
@@ -381,6 +382,9 @@ def export(args, arm):
     model_path = path(args, "seeds", "0", arm, "final.keras")
     preprocessor_dir = path(args, "preprocessor")
     digest = hashlib.sha256(arm.encode())
+    # Where the export goes is part of what is reused: a new --export-dir
+    # gets its own export. (Hashed: the record holds no absolute path.)
+    digest.update(os.path.realpath(args.export_dir).encode() + b"\0")
     inputs = [
         os.path.join(preprocessor_dir, name)
         for name in sorted(os.listdir(preprocessor_dir))

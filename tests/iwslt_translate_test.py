@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -527,6 +528,29 @@ def test_a_refused_run_leaves_its_output_folder_free(tmp_path):
     again = run([*base, "--increments", "999"], timeout=300)
     assert "holds a run with other settings" not in again.stderr
     assert "--increments 4 or fewer (now 999)" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "setting,value,advice",
+    [
+        ("--heldout-pairs", "250", "a smaller --heldout-pairs (now 250)"),
+        ("--chunk-heldout-pairs", "150", "--increments 1 or fewer (now 2)"),
+    ],
+)
+def test_held_out_pairs_never_wrap_around(setting, value, advice):
+    # --smoke: 200 initial pairs, two chunks of 100. Holding out more than
+    # a part has left 50 of it to train on: the cut counted from the end.
+    load_main()
+    from iwslt import settings
+    from iwslt.data import DataRefused
+    from iwslt.data import Split
+
+    parser, args = settings.parse_args(
+        ["--smoke", "--data-dir", os.path.abspath(iwslt_dir()), setting, value]
+    )
+    settings.check_args(parser, args)
+    with pytest.raises(DataRefused, match=re.escape(advice)):
+        Split(args)
 
 
 def broken_data(kind, root):

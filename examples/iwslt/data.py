@@ -68,14 +68,16 @@ class Split:
         train = read_split(args, "train", args.max_pairs)
         cut = int(len(train) * args.pretrain_fraction)
         initial, new = train[:cut], train[cut:]
-        self.heldout = {"initial": initial[len(initial) - args.heldout_pairs :]}
-        self.initial = initial[: len(initial) - args.heldout_pairs]
+        # Never below 0: a negative cut would count from the end instead.
+        keep = max(0, len(initial) - args.heldout_pairs)
+        self.heldout = {"initial": initial[keep:]}
+        self.initial = initial[:keep]
         self.chunks = []
         size = len(new) // args.increments
         for i in range(args.increments):
             end = len(new) if i == args.increments - 1 else (i + 1) * size
             chunk = new[i * size : end]
-            keep = len(chunk) - args.chunk_heldout_pairs
+            keep = max(0, len(chunk) - args.chunk_heldout_pairs)
             self.chunks.append(chunk[:keep])
             self.heldout[f"chunk_{i + 1}"] = chunk[keep:]
         self.validation = read_split(args, "validation")
@@ -124,10 +126,10 @@ def _refuse_small_parts(args, initial, chunks, new_pairs):
     if len(small_chunks) > 3:
         parts.append(f"{len(small_chunks) - 3} more chunks")
     raise DataRefused(
-        f"Too little data for these settings: {', '.join(parts)} hold(s) "
-        f"fewer pairs than one batch (--batch-size {batch}); use "
-        + ", ".join(advice)
-        + " or a smaller --batch-size"
+        f"Too little data for these settings: {', '.join(parts)} "
+        f"{'holds' if len(parts) == 1 else 'hold'} fewer pairs than one "
+        f"batch (--batch-size {batch}) once the held-out pairs are set "
+        "aside; use " + ", ".join(advice) + " or a smaller --batch-size"
     )
 
 

@@ -44,6 +44,7 @@ from iwslt import costs  # noqa: E402
 from iwslt import jobs  # noqa: E402
 from iwslt import report  # noqa: E402
 from iwslt import settings  # noqa: E402
+from iwslt.data import DataRefused  # noqa: E402
 from iwslt.data import Split  # noqa: E402
 from iwslt.data import data_fingerprint  # noqa: E402
 from iwslt.quiet import import_backend  # noqa: E402
@@ -54,14 +55,21 @@ def main(argv=None):
     parser, args = settings.parse_args(argv)
     settings.check_args(parser, args)
     import_backend()  # reading the data imports the library, and Keras
+    # -- Data: read and checked against the settings before anything is
+    # written, so a refused run leaves no trace in --output-dir.
+    try:
+        split = Split(args)
+        fingerprint = data_fingerprint(args)
+    except DataRefused as error:
+        parser.error(str(error))
     os.makedirs(args.output_dir, exist_ok=True)
     with jobs.run_lock(args.output_dir):
-        run(parser, args)
+        run(parser, args, split, fingerprint)
 
 
-def run(parser, args):
+def run(parser, args, split, fingerprint):
+    key = settings.run_key(args, fingerprint)
     key_path = os.path.join(args.output_dir, "run_key.txt")
-    key = settings.run_key(args, data_fingerprint(args))
     if os.path.exists(key_path) and open(key_path).read() != key:
         parser.error(
             f"--output-dir {args.output_dir} holds a run with other settings "
@@ -69,8 +77,6 @@ def run(parser, args):
         )
     with open(key_path, "w") as file:
         file.write(key)
-    # -- Data.
-    split = Split(args)
     print(f"Data: {split.sizes()}", flush=True)
     arms = args.arm_list
     learning = [arm for arm in arms if arm != "frozen"]
@@ -95,6 +101,7 @@ def run(parser, args):
         jobs.run_in_child(costs.step_timing, args, learning, bool(points))
     # -- Evaluate and export.
     results = report.collect(args, split.sizes())
+    results["data_fingerprint"] = fingerprint
     lora_arms = [a for a in learning if "targets" in settings.ARMS[a]]
     if lora_arms:
         best = min(

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -51,13 +53,14 @@ def environment():
 RUN_TIMEOUT = 1800
 
 
-def run(args, timeout=RUN_TIMEOUT):
+def run(args, timeout=RUN_TIMEOUT, cwd=None, script=SCRIPT, env=None):
     return subprocess.run(
-        [sys.executable, SCRIPT, *args],
-        env=environment(),
+        [sys.executable, script, *args],
+        env={**environment(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
     )
 
 
@@ -65,7 +68,7 @@ def smoke_args(root, arms, *more):
     return [
         "--smoke",
         "--data-dir",
-        iwslt_dir(),
+        os.path.abspath(iwslt_dir()),
         "--output-dir",
         str(root / "run"),
         "--export-dir",
@@ -78,18 +81,41 @@ def smoke_args(root, arms, *more):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """One smoke run shared by the tests below. Explicit arguments
-    (--batch-size, --heldout-pairs) beat --smoke's."""
+    """One smoke run shared by the tests below, started as the README says
+    (`IWSLT2017_DIR=... python examples/iwslt_translate.py`) from a folder
+    of its own, so that the default --output-dir and --export-dir, both
+    relative, land there. Explicit arguments (--batch-size,
+    --heldout-pairs) beat --smoke's."""
     root = tmp_path_factory.mktemp("smoke")
+    (root / "examples").symlink_to(os.path.realpath(EXAMPLES))
     arms = "full,lora,lora_bf16,frozen"
     more = ["--batch-size", "16", "--heldout-pairs", "30"]
-    result = run(smoke_args(root, arms, *more))
+    result = run(
+        ["--smoke", "--arms", arms, *more],
+        cwd=root,
+        script=os.path.join("examples", "iwslt_translate.py"),
+        env={"IWSLT2017_DIR": os.path.abspath(iwslt_dir())},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = json.loads((root / "run" / "results.json").read_text())
-    return root, result, results
+    out = root / "runs" / "iwslt_translate"
+    results = json.loads((out / "results.json").read_text())
+    return (out, root / "saved_models"), result, results
 
 
-def check_report(root, result, results, arms, seeds):
+def only_relative_paths(results, *roots):
+    """results.json names no path of the machine it ran on."""
+    text = json.dumps(results)
+    repository = os.path.realpath(os.path.join(EXAMPLES, ".."))
+    for root in (*roots, repository, os.path.abspath(iwslt_dir())):
+        assert str(root) not in text, root
+    settings = results["settings"]
+    for key in ("output_dir", "export_dir", "data_dir"):
+        assert not os.path.isabs(settings[key]), (key, settings[key])
+    assert not os.path.isabs(results["export"]["path"])
+
+
+def check_report(folders, result, results, arms, seeds):
+    out, export_root = folders
     assert results["backend"] == keras.backend.backend()
     assert set(results["arms"]) == set(arms)
     for arm, fields in results["arms"].items():
@@ -121,27 +147,30 @@ def check_report(root, result, results, arms, seeds):
     for arm in set(arms) - {"frozen"}:
         assert arms[arm]["step_time_ratio"]["rounds"] == 2
         assert arms[arm]["peak_rss_mb"] > 0
-    report = (root / "run" / "results.md").read_text()
+    report = (out / "results.md").read_text()
     assert "| lora |" in report and "83.7%" in report
     assert "Forgetting matrices" in report and "*Climate change" in report
     assert report.strip() in result.stdout
     for plot in ("curves.png", "forgetting.png"):
-        assert (root / "run" / plot).stat().st_size > 10_000
-    assert os.listdir(root / "export" / "iwslt_en_de") == ["1"]
+        assert (out / plot).stat().st_size > 10_000
+    assert os.listdir(export_root / "iwslt_en_de") == ["1"]
+    exported = out / results["export"]["path"]
+    assert exported.resolve() == (export_root / "iwslt_en_de" / "1").resolve()
+    only_relative_paths(results, out.parent.parent, export_root)
 
 
 def test_smoke_run_reports_every_field_for_every_arm(smoke_run):
-    root, result, results = smoke_run
+    folders, result, results = smoke_run
     assert results["settings"]["batch_size"] == 16
     assert results["data"]["heldout"]["initial"] == 30
     check_report(
-        root, result, results, ("full", "lora", "lora_bf16", "frozen"), 1
+        folders, result, results, ("full", "lora", "lora_bf16", "frozen"), 1
     )
-    # bfloat16 base, float32 adapters, the same method and rate as `lora`.
-    bf16, f32 = results["arms"]["lora_bf16"], results["arms"]["lora"]
-    assert bf16["learning_rate"] == f32["learning_rate"]
-    ratio = bf16["test_perplexity"]["mean"] / f32["test_perplexity"]["mean"]
-    assert abs(ratio - 1) < 0.05
+    # Relative to the output folder; --data-dir came from IWSLT2017_DIR.
+    recorded = results["settings"]
+    assert recorded["output_dir"] == "."
+    assert recorded["export_dir"] == os.path.join("..", "..", "saved_models")
+    assert recorded["data_dir"].endswith(os.path.basename(iwslt_dir()))
 
 
 @pytest.mark.large
@@ -154,7 +183,9 @@ def test_every_arm_two_seeds_and_the_ablation(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    check_report(tmp_path, result, results, arms, 2)
+    check_report(
+        (tmp_path / "run", tmp_path / "export"), result, results, arms, 2
+    )
     assert "±" in (tmp_path / "run" / "results.md").read_text()
     assert set(results["ablation"]) == {
         "recurrent",  # at --rank 2, which the rank points do not cover
@@ -184,7 +215,7 @@ def test_console_shows_progress_not_noise(smoke_run):
         assert noise not in console, noise
 
 
-def start(args):
+def start(args, cwd=None):
     """The main job in its own process group, so a kill reaches its jobs."""
     return subprocess.Popen(
         [sys.executable, SCRIPT, *args],
@@ -193,13 +224,14 @@ def start(args):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        cwd=cwd,
     )
 
 
-def kill_after_epoch(args, epochs_file, timeout=RUN_TIMEOUT):
+def kill_after_epoch(args, epochs_file, timeout=RUN_TIMEOUT, cwd=None):
     """Starts the main job and SIGKILLs it (and its jobs) as soon as
     `epochs_file` records a finished epoch."""
-    process = start(args)
+    process = start(args, cwd)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -222,16 +254,20 @@ def kill_after_epoch(args, epochs_file, timeout=RUN_TIMEOUT):
 
 
 def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
+    # Started from a folder that is not the repository, with a relative
+    # --output-dir (run) and --export-dir (export).
     out = tmp_path / "run"
     args = smoke_args(
-        tmp_path, "lora", "--update-epochs", "2", "--increments", "1"
+        pathlib.Path(), "lora", "--update-epochs", "2", "--increments", "1"
     )
     # Killed during pre-training: it picks up after its finished epoch.
-    killed = kill_after_epoch(args, out / "pretrain" / "epochs.json")
+    killed = kill_after_epoch(
+        args, out / "pretrain" / "epochs.json", cwd=tmp_path
+    )
     assert "Epoch 1/2" in killed and not (out / "pretrained.keras").exists()
     # Killed during an arm's fit (a learning-rate trial on the first chunk).
     trial = out / "learning_rates" / "lora"
-    process = start(args)
+    process = start(args, tmp_path)
     deadline = time.monotonic() + RUN_TIMEOUT
     killed_trial = None
     while killed_trial is None and time.monotonic() < deadline:
@@ -243,7 +279,7 @@ def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
     resumed_output = process.communicate()[0]
     assert killed_trial is not None, resumed_output[-3000:]
     assert "Epoch 2/2" in resumed_output.split("== lora")[0]  # pre-training
-    resumed = run(args)
+    resumed = run(args, cwd=tmp_path)
     assert resumed.returncode == 0, (
         resumed.stdout[-3000:] + resumed.stderr[-3000:]
     )
@@ -259,14 +295,33 @@ def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
             sum(record["epoch_seconds"])
         )
     assert results["arms"]["lora"]["train_seconds"]["mean"] > 0
-    # A finished run started again reuses everything, the export too.
-    again = run(args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "== " not in again.stdout.split("# IWSLT")[0].replace(
-        "== Timing", ""
+    assert (out / "results.md").exists()
+    assert results["export"]["path"] == os.path.join(
+        "..", "export", "iwslt_en_de", "1"
     )
+    only_relative_paths(results, tmp_path)
+    # A finished run started again reuses everything, the export too.
+    again = run(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== " not in again.stdout.split("# IWSLT")[0]
     assert "Reusing the export" in again.stdout
     assert os.listdir(tmp_path / "export" / "iwslt_en_de") == ["1"]
+    # What a setting outside the run key changes is done again: the export
+    # to a new --export-dir, the timing with other --timing-rounds.
+    changed = run(
+        [*args, "--export-dir", "export2", "--timing-rounds", "3"],
+        cwd=tmp_path,
+    )
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "Reusing the export" not in changed.stdout
+    assert os.listdir(tmp_path / "export2" / "iwslt_en_de") == ["1"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["timing_rounds"] == 3
+    assert results["timing"]["rounds"] == 3
+    assert results["arms"]["lora"]["step_seconds"]["n"] == 3
+    assert results["export"]["path"] == os.path.join(
+        "..", "export2", "iwslt_en_de", "1"
+    )
 
 
 def test_a_backup_cut_off_mid_write_leaves_the_previous_one(tmp_path):
@@ -449,4 +504,96 @@ def test_bad_arguments_give_one_clear_line(args, message, tmp_path):
     assert message in result.stderr
     # Refused before any work: nothing trained, nothing exported.
     assert not (tmp_path / "export").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_run_leaves_its_output_folder_free(tmp_path):
+    out = tmp_path / "out"
+    base = [
+        "--smoke",
+        "--data-dir",
+        iwslt_dir(),
+        "--output-dir",
+        str(out),
+        "--export-dir",
+        str(tmp_path / "export"),
+    ]
+    # --smoke: 200 new pairs, chunks of 32 (a batch) + 10 held out.
+    refused = run([*base, "--increments", "1000"], timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    assert "--increments 4 or fewer (now 1000)" in refused.stderr
+    assert not out.exists()
+    # The next run into the folder is judged on its own settings.
+    again = run([*base, "--increments", "999"], timeout=300)
+    assert "holds a run with other settings" not in again.stderr
+    assert "--increments 4 or fewer (now 999)" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "setting,value,advice",
+    [
+        ("--heldout-pairs", "250", "a smaller --heldout-pairs (now 250)"),
+        ("--chunk-heldout-pairs", "150", "--increments 1 or fewer (now 2)"),
+    ],
+)
+def test_held_out_pairs_never_wrap_around(setting, value, advice):
+    # --smoke: 200 initial pairs, two chunks of 100. Holding out more than
+    # a part has left 50 of it to train on: the cut counted from the end.
+    load_main()
+    from iwslt import settings
+    from iwslt.data import DataRefused
+    from iwslt.data import Split
+
+    parser, args = settings.parse_args(
+        ["--smoke", "--data-dir", os.path.abspath(iwslt_dir()), setting, value]
+    )
+    settings.check_args(parser, args)
+    with pytest.raises(DataRefused, match=re.escape(advice)):
+        Split(args)
+
+
+def broken_data(kind, root):
+    """A data folder (or archive) that cannot be read, and the file its
+    error must name."""
+    from translation.iwslt2017_test import pack
+    from translation.iwslt2017_test import tiny_release
+
+    if kind == "empty folder":
+        (root / "data").mkdir()
+        return root / "data", "data holds neither"
+    folder = tiny_release(root / "data")
+    if kind == "missing file":
+        os.remove(folder / "IWSLT17.TED.tst2014.en-de.en.xml")
+        return root / "data", "tst2014.en-de.en.xml"
+    if kind == "truncated file":
+        path = folder / "IWSLT17.TED.dev2010.en-de.de.xml"
+        path.write_bytes(path.read_bytes()[:150])
+        return root / "data", "dev2010.en-de.de.xml"
+    archive = pack(folder, root / "en-de.tgz")
+    archive.write_bytes(archive.read_bytes()[:200])
+    return archive, "en-de.tgz: truncated"
+
+
+@pytest.mark.parametrize(
+    "kind", ["empty folder", "missing file", "truncated file", "archive"]
+)
+def test_unreadable_data_gives_one_clear_line(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("KERAS_RNN_LORA_CACHE", str(tmp_path / "cache"))
+    data, names = broken_data(kind, tmp_path)
+    result = run(
+        [
+            "--smoke",
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"iwslt_translate.py: error: --data-dir {data}")
+    assert names in error
     assert not (tmp_path / "out").exists()

@@ -71,9 +71,12 @@ def step_timing(args, arms, with_ablation=False):
     configs = lora_configs(args) if with_ablation else {}
 
     target = path(args, "costs", "timing.json")
-    timed = set((read_json(target) or {}).get("seconds", {}))
+    timed = read_json(target) or {}
     wanted = {*arms, *configs}
-    if wanted <= timed:
+    # Reused only when it timed every arm wanted, with as many rounds.
+    if timed.get("rounds") == args.timing_rounds and wanted <= set(
+        timed.get("seconds", {})
+    ):
         return
     split, preprocessor = _setup(args, args.seed)
     data = _probe_batches(args, preprocessor, split)

@@ -9,9 +9,28 @@ Validation (dev2010) chooses learning rates and epochs; the test set
 (tst2010-2015) is only ever reported.
 """
 
+import contextlib
 import os
 
 DATA_PARTS = ("initial", "validation")  # plus "chunk_1", "chunk_2", ...
+
+
+class DataRefused(Exception):
+    """The data cannot serve these settings; the message (one line) names
+    the file or the settings to change."""
+
+
+@contextlib.contextmanager
+def _refusing_bad_data(args):
+    """Turns an error in the release files into `DataRefused` naming
+    `--data-dir` and the file (the first line of the reader's message)."""
+    from keras_rnn_lora.translation.iwslt2017 import IWSLTDataError
+
+    try:
+        yield
+    except IWSLTDataError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise DataRefused(f"--data-dir {args.data_dir}: {first_line}") from None
 
 
 def read_split(args, split, max_pairs=None):
@@ -20,7 +39,8 @@ def read_split(args, split, max_pairs=None):
     from keras_rnn_lora.translation import iwslt2017
 
     if args.data_dir:
-        return iwslt2017.read_pairs(split, args.data_dir, max_pairs)
+        with _refusing_bad_data(args):
+            return iwslt2017.read_pairs(split, args.data_dir, max_pairs)
     from keras_rnn_lora.translation import iwslt2017_tfds
 
     dataset = iwslt2017_tfds.load_iwslt2017(split, max_pairs=max_pairs)
@@ -36,8 +56,9 @@ def data_fingerprint(args):
 
     if not args.data_dir:
         return "download"
-    release = iwslt2017.find_release(args.data_dir)
-    return iwslt2017.content_fingerprint(release)
+    with _refusing_bad_data(args):
+        release = iwslt2017.find_release(args.data_dir)
+        return iwslt2017.content_fingerprint(release)
 
 
 class Split:
@@ -47,34 +68,23 @@ class Split:
         train = read_split(args, "train", args.max_pairs)
         cut = int(len(train) * args.pretrain_fraction)
         initial, new = train[:cut], train[cut:]
-        self.heldout = {"initial": initial[len(initial) - args.heldout_pairs :]}
-        self.initial = initial[: len(initial) - args.heldout_pairs]
+        # Never below 0: a negative cut would count from the end instead.
+        keep = max(0, len(initial) - args.heldout_pairs)
+        self.heldout = {"initial": initial[keep:]}
+        self.initial = initial[:keep]
         self.chunks = []
         size = len(new) // args.increments
         for i in range(args.increments):
             end = len(new) if i == args.increments - 1 else (i + 1) * size
             chunk = new[i * size : end]
-            keep = len(chunk) - args.chunk_heldout_pairs
+            keep = max(0, len(chunk) - args.chunk_heldout_pairs)
             self.chunks.append(chunk[:keep])
             self.heldout[f"chunk_{i + 1}"] = chunk[keep:]
         self.validation = read_split(args, "validation")
         self.test = read_split(args, "test", args.eval_pairs)
         if args.smoke:
             self.validation = self.validation[: args.eval_pairs]
-        too_small = [
-            name
-            for name, pairs in (
-                ("the initial part", self.initial),
-                *((f"chunk {i + 1}", c) for i, c in enumerate(self.chunks)),
-            )
-            if len(pairs) < args.batch_size
-        ]
-        if too_small:
-            raise SystemExit(
-                f"Too little data for these settings: {', '.join(too_small)} "
-                f"hold fewer pairs than one batch ({args.batch_size}). Use "
-                "more pairs, fewer --increments or smaller held-out sets."
-            )
+        _refuse_small_parts(args, self.initial, self.chunks, len(new))
 
     def sizes(self):
         return {
@@ -84,6 +94,43 @@ class Split:
             "validation": len(self.validation),
             "test": len(self.test),
         }
+
+
+def _refuse_small_parts(args, initial, chunks, new_pairs):
+    """Raises `DataRefused` if a part to train on holds less than one batch,
+    naming the settings that would make it fit."""
+    batch = args.batch_size
+    advice = []
+    if len(initial) < batch:
+        advice.append(
+            f"a smaller --heldout-pairs (now {args.heldout_pairs}), a larger "
+            f"--pretrain-fraction (now {args.pretrain_fraction})"
+        )
+    small_chunks = [i + 1 for i, c in enumerate(chunks) if len(c) < batch]
+    if small_chunks:
+        # Chunk i keeps new_pairs // increments pairs less its held-out ones.
+        fits = new_pairs // (batch + args.chunk_heldout_pairs)
+        advice.append(
+            f"--increments {fits} or fewer (now {args.increments})"
+            if fits
+            else "a smaller --chunk-heldout-pairs (now "
+            f"{args.chunk_heldout_pairs})"
+        )
+    if not advice:
+        return
+    if args.max_pairs is not None:
+        advice.append(f"a larger --max-pairs (now {args.max_pairs})")
+    parts = (["the initial part"] if len(initial) < batch else []) + [
+        f"chunk {i}" for i in small_chunks[:3]
+    ]
+    if len(small_chunks) > 3:
+        parts.append(f"{len(small_chunks) - 3} more chunks")
+    raise DataRefused(
+        f"Too little data for these settings: {', '.join(parts)} "
+        f"{'holds' if len(parts) == 1 else 'hold'} fewer pairs than one "
+        f"batch (--batch-size {batch}) once the held-out pairs are set "
+        "aside; use " + ", ".join(advice) + " or a smaller --batch-size"
+    )
 
 
 def preprocessor(args, split):

@@ -26,6 +26,8 @@ from iwslt.data import batches
 from iwslt.data import preprocessor as make_preprocessor
 from iwslt.evaluate import final_scores
 from iwslt.evaluate import forgetting_row
+from iwslt.paths import from_output
+from iwslt.paths import in_output
 from iwslt.settings import ARMS
 from iwslt.settings import GRID_EXTENSIONS
 from iwslt.settings import GRID_FACTOR
@@ -96,9 +98,7 @@ def path(args, *parts):
 
 
 def _setup(args, seed):
-    """Seeds everything, then loads the data and the tokenizers (in this
-    order: on TensorFlow, seeding resets the eager context, which would
-    destroy tokenizers loaded before it)."""
+    """Seeds everything, then loads the data and the tokenizers."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -369,8 +369,9 @@ def _frozen(args, directory, result_path):
 
 def export(args, arm):
     """Exports seed 0's final model of `arm` (merged when it was saved) for
-    TensorFlow Serving; a run started again exports only if that model or
-    the tokenizers changed, and otherwise names the version it wrote."""
+    TensorFlow Serving; a run started again exports only if that model, the
+    tokenizers or `--export-dir` changed, and otherwise names the version
+    it wrote."""
     import hashlib
 
     import keras
@@ -381,14 +382,22 @@ def export(args, arm):
     model_path = path(args, "seeds", "0", arm, "final.keras")
     preprocessor_dir = path(args, "preprocessor")
     digest = hashlib.sha256(arm.encode())
-    for name in sorted(os.listdir(preprocessor_dir)) + [model_path]:
-        with open(os.path.join(preprocessor_dir, name), "rb") as file:
+    # Where the export goes is part of what is reused: a new --export-dir
+    # gets its own export. (Hashed: the record holds no absolute path.)
+    digest.update(os.path.realpath(args.export_dir).encode() + b"\0")
+    inputs = [
+        os.path.join(preprocessor_dir, name)
+        for name in sorted(os.listdir(preprocessor_dir))
+    ]
+    for name in [*inputs, model_path]:
+        with open(name, "rb") as file:
             digest.update(file.read())
     record_path = path(args, "export.json")
     record = read_json(record_path)
     if record and record["fingerprint"] == digest.hexdigest():
-        if os.path.isdir(record["path"]):
-            print(f"Reusing the export {record['path']} (nothing changed)")
+        existing = in_output(args, record["path"])
+        if os.path.isdir(existing):
+            print(f"Reusing the export {existing} (nothing changed)")
             return
     model = keras.saving.load_model(model_path, compile=False)
     preprocessor = TranslationPreprocessor.load(preprocessor_dir)
@@ -396,7 +405,11 @@ def export(args, arm):
     print(f"Exported {arm} (merged) to {target}", flush=True)
     write_json(
         record_path,
-        {"fingerprint": digest.hexdigest(), "path": target, "arm": arm},
+        {
+            "fingerprint": digest.hexdigest(),
+            "path": from_output(args, target),
+            "arm": arm,
+        },
     )
 
 

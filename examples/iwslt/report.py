@@ -9,6 +9,7 @@ import os
 import statistics
 
 from iwslt.arms import read_json
+from iwslt.paths import recorded_settings
 from iwslt.settings import ARMS
 from iwslt.settings import PAPER
 from iwslt.settings import SENTENCES
@@ -64,7 +65,10 @@ def collect(args, split_sizes):
             ablation[point["name"]] = point
     results = {
         "backend": _backend(),
-        "settings": {k: v for k, v in vars(args).items() if k != "grids"},
+        "settings": recorded_settings(args),
+        "paths": "relative to the folder holding this file; "
+        "settings.data_dir as given when relative, else relative to the "
+        "repository, else its name (data_fingerprint: its content)",
         "learning_rate_grids": {k: list(v) for k, v in args.grids.items()},
         "data": split_sizes,
         "pretrained": pretrain,

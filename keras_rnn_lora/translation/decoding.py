@@ -21,7 +21,8 @@ from keras_rnn_lora.translation.tokens import START_ID
 _NEG_INF = -1e9
 
 
-def _positive_int(name, value):
+def check_positive_int(name, value):
+    """Raises `ValueError` naming `name` unless `value` is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
             f"Received an invalid value for `{name}`, expected a positive "
@@ -77,8 +78,8 @@ def beam_search(
         `(tokens, scores)` of the best hypothesis per sentence, as
         `greedy_search` returns them.
     """
-    _positive_int("beam_width", beam_width)
-    _positive_int("max_length", max_length)
+    check_positive_int("beam_width", beam_width)
+    check_positive_int("max_length", max_length)
     k = beam_width
 
     def tile(x):  # (batch, ...) -> (batch * k, ...), beams of a row adjacent
@@ -156,8 +157,8 @@ def decode(model, encoder_tokens, beam_width=1, max_length=64):
         `[START]`, `[END]` included where reached, 0 after it) and each
         row's log-probability `(batch,)`.
     """
-    _positive_int("beam_width", beam_width)
-    _positive_int("max_length", max_length)
+    check_positive_int("beam_width", beam_width)
+    check_positive_int("max_length", max_length)
     encoded = model.encode(encoder_tokens)
     batch_size = ops.shape(encoded["encoder_outputs"])[0]
 

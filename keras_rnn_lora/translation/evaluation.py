@@ -1,11 +1,13 @@
 """Evaluating a translator: translating text, and BLEU/chrF with sacrebleu.
 
 translations = translate(model, preprocessor, ["Thank you, Chris."])
+translation = translate(model, preprocessor, "Thank you, Chris.")  # one
 corpus_scores(translations, references)  # {"bleu": ..., "chrf": ...}
 """
 
 from keras import ops
 
+from keras_rnn_lora.translation.decoding import check_positive_int
 from keras_rnn_lora.translation.decoding import decode
 
 
@@ -17,22 +19,39 @@ def translate(
     decoder=None,
     batch_size=64,
 ):
-    """Translates a list of strings: greedy, or beam search when
-    `beam_width > 1`, `batch_size` sentences at a time.
+    """Translates sentences: greedy, or beam search when `beam_width > 1`,
+    `batch_size` sentences at a time.
 
     Args:
         model: a `Translator`.
         preprocessor: its `TranslationPreprocessor` (text <-> ids and
             `max_length`).
-        sentences: a list of source strings.
+        sentences: a list of source strings, or one string (one sentence,
+            never a sequence of characters).
+        beam_width: hypotheses kept per sentence; 1 (default) is greedy.
         decoder: optional `compiled_decoder(model, beam_width,
             preprocessor.max_length)` to reuse across calls (much faster for
             many batches).
+        batch_size: sentences decoded at once, a positive integer.
 
     Returns:
-        A list of strings, one per sentence.
+        A list of strings, one per sentence; for one string, its
+        translation as a string.
     """
+    check_positive_int("beam_width", beam_width)
+    check_positive_int("batch_size", batch_size)
+    if isinstance(sentences, (str, bytes)):
+        return translate(
+            model, preprocessor, [sentences], beam_width, decoder, batch_size
+        )[0]
     sentences = list(sentences)
+    for index, sentence in enumerate(sentences):
+        if not isinstance(sentence, (str, bytes)):
+            raise TypeError(
+                "Received an invalid value for `sentences`, expected a "
+                "string or a list of strings. Received: an item of type "
+                f"{type(sentence).__name__} at index {index}"
+            )
     translations = []
     for start in range(0, len(sentences), batch_size):
         batch = preprocessor.source_batch(sentences[start : start + batch_size])

@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 
 from keras_rnn_lora.convert import to_base_model
 from keras_rnn_lora.translation import serving_versions
@@ -68,6 +69,10 @@ def export_translator(
 
     Returns:
         The path of the written version folder.
+
+    Raises:
+        ValueError: a weight of the model to serve holds NaN or Inf (merged
+            or not); nothing is written.
     """
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or version < 1
@@ -81,6 +86,7 @@ def export_translator(
         serving_versions.refuse_existing(os.path.join(model_dir, str(version)))
     # Merged once here; the serving model carries no LoRA layer.
     serving = to_base_model(model) if merge and lora_adapters(model) else model
+    refuse_non_finite(serving)
     with serving_versions.staging_folder(model_dir) as staging:
         export = os.path.join(staging, "export")
         if keras.backend.backend() == "tensorflow":
@@ -90,11 +96,30 @@ def export_translator(
         return serving_versions.publish(export, model_dir, version, overwrite)
 
 
+def refuse_non_finite(model):
+    """Raises `ValueError` naming the first weight of `model` that holds NaN
+    or Inf. Merging checks what it merges; this covers every weight, merged
+    or not (`merge=False`, a broken base), before a server can load it."""
+    for weight in model.weights:
+        if not keras.backend.is_float_dtype(weight.dtype):
+            continue
+        value = np.asarray(keras.ops.convert_to_numpy(weight), "float32")
+        bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise ValueError(
+                f"Refusing to export: weight '{weight.path}' holds {bad} "
+                f"non-finite value(s) (NaN or Inf) out of {value.size}. "
+                "Nothing was written."
+            )
+
+
 def write_savedmodel(model, preprocessor, path, name):
     """Writes the serving SavedModel of `model` to `path` (TensorFlow
     backend): the signatures and the warmup records."""
     import tensorflow as tf
 
+    # Before tracing: the graph must capture live tokenizer resources.
+    preprocessor.revive_tokenizers()
     module = _translator_module(model, preprocessor)
     with _fused_kernels_off(model):
         tf.saved_model.save(

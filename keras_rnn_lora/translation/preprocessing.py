@@ -112,19 +112,52 @@ class TranslationPreprocessor(tf.Module):
         self.target_proto = bytes(target_proto)
         self.max_length = max_length
         self.languages = tuple(languages)
+        self._make_tokenizers()
+        self.vocab_size = vocab_size or self.source_vocabulary_size
+
+    def _make_tokenizers(self):
         # Distinct names: a loaded SavedModel shares SentencePiece resources
         # by node name, so two unnamed tokenizers would become one.
-        self.source = tf_text.SentencepieceTokenizer(
+        self._source = tf_text.SentencepieceTokenizer(
             model=self.source_proto,
             out_type=tf.int32,
             name="source_sentencepiece",
         )
-        self.target = tf_text.SentencepieceTokenizer(
+        self._target = tf_text.SentencepieceTokenizer(
             model=self.target_proto,
             out_type=tf.int32,
             name="target_sentencepiece",
         )
-        self.vocab_size = vocab_size or self.source_vocabulary_size
+
+    def revive_tokenizers(self):
+        """Recreates the tokenizers if their TensorFlow resources are gone.
+
+        A SentencePiece model lives in the eager context's resource manager,
+        and TensorFlow empties that whenever the context's caches are
+        cleared: `tf.random.set_seed` does (so `keras.utils.set_random_seed`
+        does, on every backend), and so does `keras.backend.clear_session`.
+        Every eager use checks first (one cheap op). In a graph being traced
+        (a `tf.function`, `tf.data`) nothing can be checked: whoever traces
+        calls this first (`dataset` and the export do)."""
+        if not tf.executing_eagerly():
+            return
+        try:
+            self._source.vocab_size()
+            self._target.vocab_size()
+        except tf.errors.NotFoundError:
+            self._make_tokenizers()
+
+    @property
+    def source(self):
+        """The source model as a TF Text `SentencepieceTokenizer`."""
+        self.revive_tokenizers()
+        return self._source
+
+    @property
+    def target(self):
+        """The target model as a TF Text `SentencepieceTokenizer`."""
+        self.revive_tokenizers()
+        return self._target
 
     # -- on disk -----------------------------------------------------------
 
@@ -295,7 +328,12 @@ class TranslationPreprocessor(tf.Module):
                 warning). Dropping empty pairs and bucketing leave it
                 unknown otherwise; the number does not depend on the
                 shuffling order. `False` skips the pass.
+
+        The pipeline holds the tokenizers as they are when it is made:
+        after `keras.utils.set_random_seed` (which clears TensorFlow's
+        resources) make it again.
         """
+        self.revive_tokenizers()
         if isinstance(pairs, (list, tuple)):
             sources = [p[0] for p in pairs]
             targets = [p[1] for p in pairs]

@@ -23,7 +23,14 @@ def versions(model_dir):
     """The published version numbers in `model_dir`, ascending."""
     if not os.path.isdir(model_dir):
         return []
-    return sorted(int(n) for n in os.listdir(model_dir) if n.isdigit())
+    return sorted(int(n) for n in os.listdir(model_dir) if is_decimal(n))
+
+
+def is_decimal(name):
+    """Whether `name` is a run of ASCII digits, the only names TF Serving
+    reads as versions. (`str.isdigit` also accepts "²" or "٣", which
+    `int()` refuses or reads as another number.)"""
+    return name.isascii() and name.isdigit()
 
 
 @contextlib.contextmanager
@@ -114,7 +121,7 @@ def _orphaned(name, kind):
     if len(parts) < 4 or parts[0] != kind:
         return False
     host, pid = "-".join(parts[1:-2]), parts[-2]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname() or not is_decimal(pid):
         return False
     try:
         os.kill(int(pid), 0)

@@ -2,6 +2,8 @@
 
 import pytest
 from conftest import iwslt_dir
+from translators import train_tokenizers
+from translators import translator_for
 
 from keras_rnn_lora.translation import decoding
 from keras_rnn_lora.translation import evaluation
@@ -46,6 +48,44 @@ def test_overfits_a_real_batch_and_greedy_reproduces_a_target(tmp_path):
         model, preprocessor, [p[0] for p in batch_pairs], 2, decoder
     )
     assert sum(t == p[1] for t, p in zip(beam, batch_pairs, strict=True)) >= 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("tokenizers"))
+    return train_tokenizers(directory, 500, 300, max_length=8)
+
+
+@pytest.fixture
+def small_translator(tokenizer_dir):
+    preprocessor = TranslationPreprocessor.load(tokenizer_dir)
+    return translator_for(preprocessor, embedding_dim=8, units=8), preprocessor
+
+
+def test_one_string_is_one_sentence(small_translator):
+    model, preprocessor = small_translator
+    sentences = ["Hello world.", "Thank you.", "Good bye."]
+    expected = evaluation.translate(model, preprocessor, sentences)
+    one = evaluation.translate(model, preprocessor, "Hello world.")
+    assert isinstance(one, str) and one == expected[0]
+    # Any batch size gives the same translations.
+    batched = evaluation.translate(model, preprocessor, sentences, batch_size=1)
+    assert batched == expected
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, True, 1.5, "8"])
+def test_batch_size_must_be_a_positive_integer(small_translator, batch_size):
+    model, preprocessor = small_translator
+    with pytest.raises(ValueError, match="`batch_size`, expected a positive"):
+        evaluation.translate(
+            model, preprocessor, ["Hello."], batch_size=batch_size
+        )
+
+
+def test_sentences_must_be_strings(small_translator):
+    model, preprocessor = small_translator
+    with pytest.raises(TypeError, match="`sentences`.*int at index 1"):
+        evaluation.translate(model, preprocessor, ["Hello.", 7])
 
 
 def test_corpus_scores_with_sacrebleu():

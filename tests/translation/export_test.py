@@ -12,14 +12,13 @@ import keras
 import numpy as np
 import pytest
 from conftest import BACKEND
-from conftest import iwslt_dir
+from translators import train_tokenizers
+from translators import translator_for
 
 import keras_rnn_lora
 from keras_rnn_lora.translation import evaluation
 from keras_rnn_lora.translation import export
-from keras_rnn_lora.translation import iwslt2017
 from keras_rnn_lora.translation import serving_versions
-from keras_rnn_lora.translation.model import build_translator
 from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
 from keras_rnn_lora.walk import iter_layers
 from keras_rnn_lora.walk import lora_cells
@@ -36,10 +35,8 @@ MAX_LENGTH = 12
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    pairs = iwslt2017.read_pairs("train", iwslt_dir(), max_pairs=2000)
     directory = str(tmp_path_factory.mktemp("tokenizers"))
-    TranslationPreprocessor.train(pairs, directory, 600, max_length=MAX_LENGTH)
-    return directory
+    return train_tokenizers(directory, 2000, 600, MAX_LENGTH)
 
 
 def with_length(preprocessor, max_length):
@@ -53,13 +50,7 @@ def with_length(preprocessor, max_length):
 def translator(tokenizer_dir):
     """A small LoRA translator with non-zero factors, and its preprocessor."""
     preprocessor = TranslationPreprocessor.load(tokenizer_dir)
-    model = build_translator(
-        preprocessor.source_vocabulary_size,
-        preprocessor.target_vocabulary_size,
-        embedding_dim=16,
-        units=32,
-    )
-    model = keras_rnn_lora.enable_lora(model, rank=2)
+    model = keras_rnn_lora.enable_lora(translator_for(preprocessor), rank=2)
     rng = np.random.default_rng(0)
     for cell in lora_cells(model).values():
         for w in cell.lora_weights:
@@ -159,6 +150,19 @@ def test_signatures_and_ops_are_servable(translator, tmp_path):
     stdout = run_python(CHECK_GRAPH, path, cwd=tmp_path)
     noncore = json.loads(stdout.split("NONCORE", 1)[1])
     assert set(noncore) <= set(export.TF_TEXT_OPS), noncore
+
+
+@tensorflow_only
+def test_export_after_seeding(translator, tmp_path):
+    import tensorflow as tf
+
+    model, preprocessor = translator
+    keras.utils.set_random_seed(5)  # clears TensorFlow's resources
+    path = export.export_translator(model, preprocessor, tmp_path)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    out = serve(text=tf.constant(SENTENCES))["translation"].numpy()
+    expected = evaluation.translate(model, preprocessor, SENTENCES)
+    assert [t.decode() for t in out] == expected
 
 
 @tensorflow_only
@@ -435,14 +439,24 @@ def test_version_must_be_a_positive_integer(translator, tmp_path, version):
     assert not (tmp_path / "iwslt_en_de" / "True").exists()
 
 
-def test_export_refuses_a_non_finite_adapter(translator, tmp_path):
+@pytest.mark.parametrize(
+    "where,merge",
+    [("adapter", True), ("adapter", False), ("base", True), ("base", False)],
+)
+def test_export_refuses_a_non_finite_weight(translator, tmp_path, where, merge):
+    # Unmerged (`merge=False`) or outside any adapter, nothing else checks.
     model, preprocessor = translator
-    cell = next(iter(lora_cells(model).values()))
-    value = keras.ops.convert_to_numpy(cell.lora_weights[1]).copy()
-    value[0, 0] = np.inf
-    cell.lora_weights[1].assign(value)
+    if where == "adapter":
+        weight = next(iter(lora_cells(model).values())).lora_weights[1]
+    else:  # a weight no adapter touches
+        weight = next(w for w in model.weights if "logits" in w.path)
+    value = keras.ops.convert_to_numpy(weight).copy()
+    value[0, 0] = np.nan if where == "base" else np.inf
+    weight.assign(value)
     with pytest.raises(ValueError, match="non-finite"):
-        export.export_translator(model, with_length(preprocessor, 4), tmp_path)
+        export.export_translator(
+            model, with_length(preprocessor, 4), tmp_path, merge=merge
+        )
     # Refused before anything was written.
     assert not (tmp_path / "iwslt_en_de").exists()
 
@@ -479,14 +493,8 @@ def test_export_of_a_translator_with_adapters_on_every_layer(
     """Recurrent, Dense and Embedding adapters all merge into the served
     graph, which still needs nothing of this library."""
     preprocessor = TranslationPreprocessor.load(tokenizer_dir)
-    model = build_translator(
-        preprocessor.source_vocabulary_size,
-        preprocessor.target_vocabulary_size,
-        embedding_dim=16,
-        units=32,
-    )
     model = keras_rnn_lora.enable_lora(
-        model,
+        translator_for(preprocessor),
         rank=2,
         lora_targets=("recurrent", "kernel", "dense", "embedding"),
     )
@@ -506,3 +514,19 @@ def test_export_of_a_translator_with_adapters_on_every_layer(
         LOAD_AND_TRANSLATE, path, json.dumps(SENTENCES), cwd=tmp_path
     )
     assert json.loads(stdout.split("RESULT", 1)[1]) == expected
+
+
+def test_only_ascii_decimal_folders_are_versions(tmp_path):
+    # `str.isdigit` accepts "²" (which `int` refuses) and "٣" (which `int`
+    # reads as 3): neither is a version TF Serving would serve.
+    model_dir = tmp_path / "iwslt_en_de"
+    stray_staging = f".tmp-{socket.gethostname()}-²-abc"  # not a process id
+    for name in ("²", "٣", "1", "x1", stray_staging):
+        (model_dir / name).mkdir(parents=True)
+    assert serving_versions.versions(str(model_dir)) == [1]
+    with serving_versions.staging_folder(str(model_dir)) as staging:
+        published(os.path.join(staging, "export"), "new")
+        path = serving_versions.publish(
+            os.path.join(staging, "export"), str(model_dir)
+        )
+    assert path == str(model_dir / "2")

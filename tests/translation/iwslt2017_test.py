@@ -2,6 +2,7 @@
 
 import os
 import tarfile
+import zipfile
 
 import pytest
 import tensorflow_datasets as tfds
@@ -51,6 +52,19 @@ def tiny_release(root, train_en=None, train_de=None):
                 {"1": [(1, f"{text} {name}"), (2, text)]},
             )
     return folder
+
+
+def pack(folder, archive, arcname="en-de"):
+    """Packs `folder` into `archive` (.tgz, or .zip by its suffix) as
+    `arcname`, and returns `archive`."""
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+            for path in sorted(folder.rglob("*")):
+                zipped.write(path, f"{arcname}/{path.relative_to(folder)}")
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(folder, arcname=arcname)
+    return archive
 
 
 # -- the real copy -------------------------------------------------------------
@@ -134,16 +148,7 @@ def test_tiny_release_reads_and_normalizes(tmp_path):
 @pytest.mark.parametrize("kind", ["tgz", "zip"])
 def test_archive_as_input_and_cache_per_source(tmp_path, kind):
     folder = tiny_release(tmp_path / "release")
-    archive = tmp_path / f"en-de.{kind}"
-    if kind == "tgz":
-        with tarfile.open(archive, "w:gz") as tar:
-            tar.add(folder, arcname="en-de")
-    else:
-        import shutil
-
-        shutil.make_archive(
-            str(archive)[:-4], "zip", tmp_path / "release", "en-de"
-        )
+    archive = pack(folder, tmp_path / f"en-de.{kind}")
     dataset = iwslt2017_tfds.load_iwslt2017("validation", str(archive))
     assert [p["en"].numpy().decode() for p in dataset] == [
         "Yes. dev2010",
@@ -274,3 +279,82 @@ def test_duplicate_seg_and_entity_declarations_are_refused(tmp_path):
     path.write_text(bomb)
     with pytest.raises(IWSLTDataError, match="line 2: declares the entity"):
         iwslt2017.read_split(folder, "validation")
+
+
+# -- unpacking an archive: concurrency, truncation ----------------------------
+
+
+def release_archive(tmp_path):
+    """The tiny release packed as WIT3 packs it, `en-de/` deep inside."""
+    folder = tiny_release(tmp_path / "release")
+    deep = "2017-01-trnted/texts/en/de/en-de"
+    return pack(folder, tmp_path / "en-de.tgz", deep)
+
+
+def test_concurrent_unpackers_of_one_archive_agree(tmp_path, monkeypatch):
+    # Another process finishes unpacking the same archive while this one is
+    # unpacking: both must end with the one complete folder.
+    archive = release_archive(tmp_path)
+    cache = str(tmp_path / "cache")
+    real_extractall = tarfile.TarFile.extractall
+    others = []
+
+    def extract_while_another_finishes(self, *args, **kwargs):
+        real_extractall(self, *args, **kwargs)
+        if not others:
+            others.append(None)  # the other one runs once
+            others[0] = iwslt2017._extract(str(archive), cache)
+
+    monkeypatch.setattr(
+        tarfile.TarFile, "extractall", extract_while_another_finishes
+    )
+    folder = iwslt2017._extract(str(archive), cache)
+    assert others == [folder]
+    pairs, _ = iwslt2017.read_split(folder, "train")
+    assert pairs[0] == ("Hello world.", "Hallo Welt.")
+    # No staging folder is left behind.
+    assert os.listdir(os.path.dirname(os.path.dirname(folder))) == [
+        os.path.basename(os.path.dirname(folder))
+    ]
+
+
+def test_threads_unpacking_one_archive_at_once(tmp_path):
+    import concurrent.futures
+
+    archive = release_archive(tmp_path)
+    cache = str(tmp_path / "cache")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        folders = list(
+            pool.map(
+                lambda _: iwslt2017.find_release(str(archive), cache), range(8)
+            )
+        )
+    assert len(set(folders)) == 1
+    assert iwslt2017.read_split(folders[0], "validation")[0]
+
+
+@pytest.mark.parametrize("kind", ["tgz", "zip"])
+def test_truncated_archive_names_the_file(tmp_path, kind):
+    folder = tiny_release(tmp_path / "release")
+    for name in ("train.tags.en-de.en", "train.tags.en-de.de"):
+        # Incompressible content: cutting the archive cuts into the data.
+        (folder / name).write_bytes(os.urandom(200_000).hex().encode())
+    archive = pack(folder, tmp_path / f"en-de.{kind}")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IWSLTDataError, match=f"en-de.{kind}: truncated"):
+        iwslt2017.find_release(archive, str(tmp_path / "cache"))
+
+
+def test_an_incomplete_release_names_the_first_file_missing(tmp_path):
+    folder = tiny_release(tmp_path)
+    os.remove(folder / "IWSLT17.TED.tst2015.en-de.de.xml")
+    with pytest.raises(IWSLTDataError, match="Missing file: .*tst2015.en-de"):
+        iwslt2017.find_release(tmp_path)
+    (folder / "IWSLT17.TED.tst2015.en-de.de.xml").write_bytes(b"")
+    with pytest.raises(IWSLTDataError, match="Empty file: .*tst2015.en-de.de"):
+        iwslt2017.find_release(folder)
+    empty = tmp_path / "empty" / "en-de"
+    empty.mkdir(parents=True)
+    with pytest.raises(IWSLTDataError, match="Missing file: .*train.tags"):
+        iwslt2017.find_release(empty.parent)

@@ -161,3 +161,29 @@ def test_bad_arguments(preprocessor):
         load_tokenizer("/nonexistent.model")
     with pytest.raises(FileNotFoundError, match="No preprocessor.json"):
         TranslationPreprocessor.load("/nonexistent")
+
+
+def test_tokenizers_survive_seeding_after_loading(preprocessor_dir):
+    # Seeding clears TensorFlow's eager caches, and with them the resources
+    # the SentencePiece ops hold: tokenizers loaded before were gone.
+    import keras
+
+    preprocessor = TranslationPreprocessor.load(preprocessor_dir)
+    sentences = ["Hello world.", GERMAN[0]]
+    batch = preprocessor.source_batch(sentences)
+    texts = preprocessor.target_texts(batch)
+    pairs = list(zip(sentences, sentences, strict=True))
+    before = list(preprocessor.dataset(pairs, shuffle=False))
+    vocabulary = preprocessor.source_vocabulary_size
+    keras.utils.set_random_seed(7)
+    assert preprocessor.source_vocabulary_size == vocabulary
+    np.testing.assert_array_equal(preprocessor.source_batch(sentences), batch)
+    assert preprocessor.target_texts(batch) == texts
+    after = list(preprocessor.dataset(pairs, shuffle=False))
+    for (old_inputs, old_targets), (new_inputs, new_targets) in zip(
+        before, after, strict=True
+    ):
+        for old, new in zip(
+            [*old_inputs, old_targets], [*new_inputs, new_targets], strict=True
+        ):
+            np.testing.assert_array_equal(old.numpy(), new.numpy())

@@ -6,6 +6,8 @@ Perplexity excludes padding and is never label-smoothed. BLEU and chrF are
 sacrebleu's corpus scores of greedy translations against the references.
 """
 
+import warnings
+
 from iwslt.data import batches
 from iwslt.settings import SENTENCES
 
@@ -39,9 +41,17 @@ def translations(args, model, preprocessor, sources, decoder=None):
     decoder = decoder or decoding.compiled_decoder(
         model, 1, preprocessor.max_length
     )
-    return evaluation.translate(
-        model, preprocessor, sources, decoder=decoder, batch_size=DECODE_BATCH
-    )
+    with warnings.catch_warnings():
+        # A briefly trained arm's empty translations are reported as they
+        # are, in results.md; the console stays for progress.
+        warnings.simplefilter("ignore", evaluation.EmptyTranslationWarning)
+        return evaluation.translate(
+            model,
+            preprocessor,
+            sources,
+            decoder=decoder,
+            batch_size=DECODE_BATCH,
+        )
 
 
 def bleu(args, model, preprocessor, pairs, decoder=None):

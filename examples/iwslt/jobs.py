@@ -268,7 +268,9 @@ _LIVE = ("model", "split", "preprocessor", "directory")
 def run_arm(args, arm, seed_index):
     """One arm, one seed: every chunk in turn (LoRA arms merge their adapter
     into the base after each, `merge_lora(reset=True)`, and start a fresh
-    one), the forgetting matrix row after each, the final scores."""
+    one; an arm with a half-precision base, which cannot hold a merge, keeps
+    its adapter learning), the forgetting matrix row after each, the final
+    scores."""
     import keras_rnn_lora
 
     directory = path(args, "seeds", str(seed_index), arm)
@@ -289,7 +291,7 @@ def run_arm(args, arm, seed_index):
         fit = _chunk_fit(args, arm, seed_index, chunk, rate, start)
         model = fit["model"]
         row = forgetting_row(args, model, fit["preprocessor"], fit["split"])
-        if "targets" in ARMS[arm]:
+        if "targets" in ARMS[arm] and "base_dtype" not in ARMS[arm]:
             keras_rnn_lora.merge_lora(model, reset=True)
         save_weights(model, after)
         record = {k: fit[k] for k in fit if k not in _LIVE}
@@ -308,10 +310,15 @@ def run_arm(args, arm, seed_index):
     scores = final_scores(args, model, preprocessor, split)
     lora_arm = "targets" in ARMS[arm]
     if seed_index == 0:  # the model the export serves (merged once, here)
-        base = keras_rnn_lora.to_base_model(model) if lora_arm else model
+        # A half-precision base is served in float32: the merge needs it.
+        dtype = "float32" if "base_dtype" in ARMS[arm] else None
+        base = (
+            keras_rnn_lora.to_base_model(model, dtype=dtype)
+            if lora_arm
+            else model
+        )
         _save_model(base, os.path.join(directory, "final.keras"))
-    # Trainable while learning a chunk: the adapter (after the last chunk it
-    # is merged and a fresh one waits), or every weight.
+    # Trainable while learning a chunk: the adapter, or every weight.
     trainable = (
         keras_rnn_lora.lora_summary(model, print_fn=None)["lora"]
         if lora_arm

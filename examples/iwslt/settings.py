@@ -105,7 +105,8 @@ ARMS = {
     },
     "lora_bf16": {
         "method": "lora",
-        "about": "`lora` with the frozen base in bfloat16",
+        "about": "`lora` with the frozen base in bfloat16; one adapter "
+        "learns every chunk (a bfloat16 kernel cannot hold a merge)",
         "targets": ("recurrent",),
         "base_dtype": "bfloat16",
     },

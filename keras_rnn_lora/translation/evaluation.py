@@ -5,6 +5,8 @@ translation = translate(model, preprocessor, "Thank you, Chris.")  # one
 corpus_scores(translations, references)  # {"bleu": ..., "chrf": ...}
 """
 
+import warnings
+
 from keras import ops
 
 from keras_rnn_lora.translation.decoding import check_positive_int
@@ -36,15 +38,15 @@ def translate(
 
     Returns:
         A list of strings, one per sentence; for one string, its
-        translation as a string.
+        translation as a string. A briefly trained translator often ends
+        every sentence at once (its most likely first token is `[END]`) and
+        returns empty strings: when every translation of non-empty input is
+        empty, an `EmptyTranslationWarning` says so.
     """
     check_positive_int("beam_width", beam_width)
     check_positive_int("batch_size", batch_size)
-    if isinstance(sentences, (str, bytes)):
-        return translate(
-            model, preprocessor, [sentences], beam_width, decoder, batch_size
-        )[0]
-    sentences = list(sentences)
+    one = isinstance(sentences, (str, bytes))
+    sentences = [sentences] if one else list(sentences)
     for index, sentence in enumerate(sentences):
         if not isinstance(sentence, (str, bytes)):
             raise TypeError(
@@ -62,7 +64,27 @@ def translate(
         else:
             tokens, _ = decoder(batch)
         translations += preprocessor.target_texts(ops.convert_to_numpy(tokens))
-    return translations
+    if _has_text(sentences) and not _has_text(translations):
+        warnings.warn(
+            f"Every one of the {len(sentences)} translation(s) is empty: the "
+            "model ends each sentence at once ([END] is its most likely "
+            "first token), as a briefly trained translator does. Train "
+            "longer; perplexity still tells what it learned.",
+            EmptyTranslationWarning,
+            stacklevel=2,
+        )
+    return translations[0] if one else translations
+
+
+def _has_text(texts):
+    return any(
+        (t.decode(errors="replace") if isinstance(t, bytes) else t).strip()
+        for t in texts
+    )
+
+
+class EmptyTranslationWarning(UserWarning):
+    """Every translation of a call to `translate` came back empty."""
 
 
 def corpus_scores(hypotheses, references):

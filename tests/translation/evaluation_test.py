@@ -99,3 +99,30 @@ def test_corpus_scores_with_sacrebleu():
     assert 0 < partial["bleu"] < 100 and 0 < partial["chrf"] < 100
     with pytest.raises(ValueError, match="2 `references`"):
         evaluation.corpus_scores(["a"], references)
+
+
+def test_a_model_that_ends_every_sentence_at_once_is_told(tmp_path):
+    """A briefly trained translator's most likely first token is [END]: every
+    translation is empty, and `translate` says why instead of returning
+    blanks silently."""
+    import numpy as np
+
+    from keras_rnn_lora.translation.tokens import END_ID
+
+    directory = train_tokenizers(str(tmp_path), 300, 120, 20)
+    preprocessor = TranslationPreprocessor.load(directory)
+    model = translator_for(preprocessor)
+    logits = model.decoder.get_layer("logits")
+    bias = np.zeros(logits.bias.shape, "float32")
+    bias[END_ID] = 100.0  # [END] first, whatever the input
+    logits.bias.assign(bias)
+    with pytest.warns(evaluation.EmptyTranslationWarning, match="Every one"):
+        assert evaluation.translate(model, preprocessor, ["Hello."]) == [""]
+    with pytest.warns(evaluation.EmptyTranslationWarning):
+        assert evaluation.translate(model, preprocessor, "Hello.") == ""
+    # Empty input translates to empty output without a warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluation.translate(model, preprocessor, [""]) == [""]

@@ -1,8 +1,9 @@
 """LoRA for recurrent networks in Keras 3 (TensorFlow, JAX, PyTorch).
 
-The library is Keras and NumPy only: importing it imports no TensorFlow.
-The IWSLT translation application, its first user, is the subpackage
-`keras_rnn_lora.translation`.
+The library is Keras and NumPy only: importing it imports no TensorFlow,
+and nothing of the IWSLT translation application, its first user, which is
+the subpackage `keras_rnn_lora.translation` (importing that registers the
+translator's classes, so a saved translator loads).
 """
 
 from keras_rnn_lora.adapter_io import load_lora_model
@@ -26,11 +27,6 @@ from keras_rnn_lora.training import mark_only_lora_as_trainable
 from keras_rnn_lora.training import merge_lora
 from keras_rnn_lora.training import recompile
 from keras_rnn_lora.training import unmerge_lora
-
-# Registers the translator's model class, losses and metrics (Keras only),
-# so a translator saved as `.keras` loads after `import keras_rnn_lora`.
-from keras_rnn_lora.translation import metrics as _metrics  # noqa: E402, F401
-from keras_rnn_lora.translation import model as _model  # noqa: E402, F401
 
 __version__ = "0.2.0"
 

@@ -49,6 +49,20 @@ def write_text(path, text):
     write_bytes(path, text.encode("utf-8"))
 
 
+def save_weights(model, path):
+    """`model.save_weights(path)`, atomically."""
+    with atomic_path(path) as temporary:
+        os.remove(temporary)  # Keras writes the file itself
+        model.save_weights(temporary)
+
+
+def save_model(model, path):
+    """`model.save(path)` (a `.keras` file), atomically."""
+    with atomic_path(path) as temporary:
+        os.remove(temporary)  # Keras writes the file itself
+        model.save(temporary)
+
+
 def _fsync_directory(directory):
     """Makes a rename in `directory` durable (where the OS allows it)."""
     try:

@@ -34,6 +34,7 @@ def build_arm(args, arm, pretrained_path, config=None):
     import keras
 
     import keras_rnn_lora
+    import keras_rnn_lora.translation  # registers the Translator class
 
     model = keras.saving.load_model(pretrained_path, compile=False)
     spec = ARMS.get(arm, {})

@@ -12,12 +12,17 @@ Modules, in the order data flows through them:
     evaluation       translate, corpus BLEU and chrF (sacrebleu)
     export           SavedModel for TensorFlow Serving (serving_versions)
 
-Importing this package (or `model`, `metrics`, `decoding`, `evaluation`)
-needs only Keras; the names below that need TensorFlow load their module
-on first use.
+Importing this package registers the translator's model class, losses and
+metrics with Keras, so a translator saved as `.keras` loads; it needs only
+Keras (as do `model`, `metrics`, `decoding`, `evaluation`). The names below
+that need TensorFlow load their module on first use.
 """
 
 import importlib
+
+# Registered with Keras on import: a saved translator names them.
+from keras_rnn_lora.translation import metrics  # noqa: F401
+from keras_rnn_lora.translation import model  # noqa: F401
 
 _LAZY = {
     "IWSLTDataError": "iwslt2017",

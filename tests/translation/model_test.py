@@ -145,9 +145,12 @@ def test_training_runs_on_two_devices(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_compiled_translator_loads_after_importing_the_package_alone(tmp_path):
-    """`import keras_rnn_lora` registers the losses and metrics a compiled
-    translator's `.keras` file names."""
+def test_compiled_translator_loads_after_importing_the_translation_package(
+    tmp_path,
+):
+    """`import keras_rnn_lora.translation` registers the translator and the
+    losses and metrics a compiled translator's `.keras` file names; `import
+    keras_rnn_lora` alone imports nothing of the application."""
     model = metrics.compile_translator(tiny_translator())
     src, dec, out = random_batch(7)
     model.fit([src, dec], out, epochs=1, verbose=0)
@@ -155,9 +158,12 @@ def test_compiled_translator_loads_after_importing_the_package_alone(tmp_path):
     model.save(path)
     script = (
         "import sys, keras, keras_rnn_lora\n"
+        "print('APPLICATION', any(m.startswith('keras_rnn_lora.translation')"
+        " for m in sys.modules))\n"
+        "import keras_rnn_lora.translation\n"
         "model = keras.saving.load_model(sys.argv[1])\n"
         "print('LOSS', type(model.loss).__name__)\n"
-        "print('MODULES', 'keras_rnn_lora.text' in sys.modules)\n"
+        "print('CLASS', type(model).__name__)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(path)],
@@ -166,9 +172,9 @@ def test_compiled_translator_loads_after_importing_the_package_alone(tmp_path):
         text=True,
         timeout=300,
     )
-    assert "LOSS MaskedSparseCrossEntropy" in result.stdout, result.stderr[
-        -2000:
-    ]
+    assert "APPLICATION False" in result.stdout, result.stderr[-2000:]
+    assert "LOSS MaskedSparseCrossEntropy" in result.stdout
+    assert "CLASS Translator" in result.stdout
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from conftest import iwslt_dir
 
-from keras_rnn_lora import text
 from keras_rnn_lora.translation import iwslt2017
 from keras_rnn_lora.translation import tokens
 from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
@@ -58,12 +57,6 @@ def test_tokenizers_are_reused_not_retrained(real_pairs, tmp_path):
     assert TranslationPreprocessor.load(str(tmp_path)).vocab_size == 500
     with pytest.raises(ValueError, match="no text to train"):
         TranslationPreprocessor.train([], str(tmp_path / "new"), 500)
-    # 0.1.0's helper trains once and reuses.
-    text.get_tokenizers(real_pairs[:500], str(tmp_path / "old"), vocab_size=500)
-    old = tmp_path / "old" / "spm_de_500.model"
-    stamp = old.stat().st_mtime_ns
-    text.get_tokenizers([], str(tmp_path / "old"), vocab_size=500)
-    assert old.stat().st_mtime_ns == stamp
 
 
 def test_pipeline_shapes_and_no_padding_rows(real_pairs, preprocessor_dir):

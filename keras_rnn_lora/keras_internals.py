@@ -1,0 +1,146 @@
+"""Every use of Keras internals, in one place.
+
+Each entry is a private Keras name this project uses, or Keras logic it
+copies or works around, with why. All were read from Keras
+`KERAS_VERSION_READ`; `tests/keras_internals_test.py` checks each against
+the installed Keras and fails naming the symbol when one is gone or has
+changed shape. Nothing outside this module reads a private Keras name.
+"""
+
+import keras
+
+KERAS_VERSION_READ = "3.15.1"
+
+
+# -- LSTM gate math ------------------------------------------------------------
+
+
+def lstm_carry_and_output(cell, z, c_tm1):
+    """`LSTMCell._compute_carry_and_output_fused(z, c_tm1)`: the LSTM's new
+    carry and output gate from the four gate pre-activations `z`. The LoRA
+    cell computes `z` itself (factored) and reuses Keras' gate math so the
+    two cannot drift apart."""
+    return cell._compute_carry_and_output_fused(z, c_tm1)
+
+
+# -- the raw weight under Keras' own LoRA ----------------------------------------
+
+#: The attribute holding the frozen weight of each Keras layer with its own
+#: LoRA (`enable_lora`): the public `kernel`/`embeddings` properties add the
+#: delta, these are the variables themselves.
+RAW_WEIGHT_ATTRIBUTES = {
+    keras.layers.Dense: "_kernel",
+    keras.layers.EinsumDense: "_kernel",
+    keras.layers.Embedding: "_embeddings",
+}
+
+
+def raw_weight(layer):
+    """The frozen weight variable of a Dense, EinsumDense or Embedding."""
+    for cls, attribute in RAW_WEIGHT_ATTRIBUTES.items():
+        if isinstance(layer, cls):
+            return getattr(layer, attribute)
+    raise TypeError(f"No raw weight known for {type(layer).__name__}.")
+
+
+# -- attributes Keras must not track -------------------------------------------
+
+
+def set_untracked(layer, name, value):
+    """Sets `layer.name` without Keras' attribute tracking
+    (`Layer.__setattr__` would adopt a layer-like value as a child and
+    track its weights): for short-lived views of a layer's own cell."""
+    object.__setattr__(layer, name, value)
+
+
+# -- what the stock recurrent layers' loops do ---------------------------------
+
+#: Backends on which Keras' stock layer projects the whole input sequence in
+#: one matmul before stepping (any device): GRU on JAX and torch, LSTM on
+#: torch (`keras/src/backend/{jax,torch}/rnn.py` `gru`/`lstm`, reached from
+#: `GRU.inner_loop`/`LSTM.inner_loop`); never on TensorFlow's CPU path, never
+#: for SimpleRNN.
+STOCK_PRECOMPUTES_ON = {
+    keras.layers.GRU: ("jax", "torch"),
+    keras.layers.LSTM: ("torch",),
+    keras.layers.SimpleRNN: (),
+}
+
+
+def stock_precomputes(layer_class, use_cudnn, cell, unroll, mask):
+    """Whether Keras' stock `layer_class` with these settings projects the
+    input sequence in one matmul before stepping on this backend: its
+    `inner_loop` tries the backend's kernel (`use_cudnn` "auto" or True, no
+    recurrent dropout), which takes no mask, no unroll and (GRU) only
+    `reset_after=True`."""
+    return bool(
+        keras.backend.backend() in STOCK_PRECOMPUTES_ON.get(layer_class, ())
+        and use_cudnn in ("auto", True)
+        and getattr(cell, "reset_after", True)
+        and mask is None
+        and not unroll
+        and not cell.recurrent_dropout
+    )
+
+
+def contiguous_sequence(outputs):
+    """`outputs` in contiguous memory on torch; unchanged elsewhere.
+
+    Keras' torch `rnn()` returns the sequence as a transposed view of a
+    time-major stack. A `Dense` after it then runs a batched matmul with its
+    kernel broadcast over the batch, and a loss a log-softmax over strided
+    memory; one copy makes them plain 2D matmuls (`torch.profiler`: the
+    paper's Elman model, 2 x 512, vocabulary 8,000, step 180 -> 107 ms).
+    """
+    if keras.backend.backend() == "torch" and hasattr(outputs, "contiguous"):
+        return outputs.contiguous()
+    return outputs
+
+
+def fused_kernel_module():
+    """The module whose `gru`, `lstm`, `bidirectional_gru` and
+    `bidirectional_lstm` Keras' RNN layers call for fused (cuDNN) kernels:
+    what a test patches to emulate a GPU on a CPU."""
+    from keras.src import backend
+
+    return backend
+
+
+# -- checkpoints -----------------------------------------------------------------
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' `BackupAndRestore`, writing its checkpoint atomically.
+
+    Keras writes `latest.weights.h5` in place (`_save_model`): a kill during
+    the write leaves a truncated file, and the resumed run fails loading
+    it. Here the weights, then the metadata saying which epoch they hold,
+    are each written beside their file and renamed into place, so a kill
+    leaves the previous checkpoint or the new one, never part of one. (A
+    kill between the two renames, microseconds apart, leaves the new weights
+    with the previous epoch number: that epoch runs once more.) Reads
+    Keras' `_weights_path`, `_training_metadata_path`, `_current_epoch` and
+    `_last_batch_seen`.
+    """
+
+    def _save_model(self):
+        import json
+        import os
+
+        from keras_rnn_lora import files
+
+        os.makedirs(self.backup_dir, exist_ok=True)
+        files.save_weights(self.model, self._weights_path)
+        metadata = {
+            "epoch": self._current_epoch,
+            "batch": self._last_batch_seen,
+        }
+        files.write_text(self._training_metadata_path, json.dumps(metadata))
+
+
+#: What `tests/keras_internals_test.py` checks: each private name above and
+#: the object that must have it.
+PRIVATE_NAMES = (
+    ("LSTMCell._compute_carry_and_output_fused", keras.layers.LSTMCell),
+    ("BackupAndRestore._save_model", keras.callbacks.BackupAndRestore),
+)

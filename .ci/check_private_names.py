@@ -5,9 +5,9 @@ benchmarks, tests and this folder):
 
 - `from module import _name`;
 - `something._name` where `something` is not `self` or `cls` (of the
-  method it is used in), `super()`, or the module's own class: reading
-  another module's private name, or an object's private attribute from
-  outside its class;
+  method it is used in), `super()`, or the module's own class, and `_name`
+  is not defined in the same module: reading another module's private
+  name, or another object's private attribute;
 - `self._name` (or `cls`, `super()`) where the project never defines
   `_name`: a private name inherited from Keras.
 
@@ -55,8 +55,9 @@ def _defined_names(trees):
 
 
 class _Checker(ast.NodeVisitor):
-    def __init__(self, defined):
+    def __init__(self, defined, local):
         self.defined = defined
+        self.local = local  # the private names this module defines
         self.problems = []
         self.owners = []  # names that may read private attributes here
         self.classes = []
@@ -96,7 +97,8 @@ class _Checker(ast.NodeVisitor):
                 and isinstance(value.func, ast.Name)
                 and value.func.id == "super"
             )
-            if not (mine or via_super or text in ALLOWED_ACCESS):
+            local = node.attr in self.local
+            if not (mine or via_super or local or text in ALLOWED_ACCESS):
                 self.problems.append((node.lineno, f"reads {text}"))
             elif (mine or via_super) and node.attr not in self.defined:
                 self.problems.append(
@@ -119,7 +121,7 @@ def check(root):
     problems = []
     for relative, tree in trees.items():
         if relative not in ALLOWED_FILES:
-            checker = _Checker(defined)
+            checker = _Checker(defined, _defined_names([tree]))
             checker.visit(tree)
             problems += [
                 f"{relative}:{line}: {what}" for line, what in checker.problems

@@ -149,7 +149,7 @@ def merge_each_step_cell_class():
         def _project(self, target, x, gates=None, training=False):
             kernel = self.effective_kernel(target)
             if gates is not None:
-                start, stop, _ = gates.indices(self._gates)
+                start, stop, _ = gates.indices(self.gates)
                 kernel = kernel[:, start * self.units : stop * self.units]
             return ops.matmul(x, kernel)
 

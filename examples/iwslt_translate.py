@@ -31,17 +31,17 @@ paper` (hidden 2048) is sized for a GPU.
 """
 
 import os
-import sys
 
 # Before anything imports TensorFlow (Keras sets its own default): what
-# TensorFlow's C++ logs stays out of the console (see iwslt/quiet.py).
+# TensorFlow's C++ logs stays out of the console (see iwslt/quiet.py). The
+# main job's parts live beside this script, in examples/iwslt/, which Python
+# finds because it puts the script's folder on `sys.path`.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# The main job's parts live beside it, in examples/iwslt/.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from iwslt import ablation  # noqa: E402
 from iwslt import costs  # noqa: E402
 from iwslt import jobs  # noqa: E402
+from iwslt import processes  # noqa: E402
 from iwslt import report  # noqa: E402
 from iwslt import settings  # noqa: E402
 from iwslt.data import DataRefused  # noqa: E402
@@ -52,8 +52,7 @@ from iwslt.quiet import import_backend  # noqa: E402
 
 def main(argv=None):
     # -- Setup: one run per output folder, keyed on settings and data.
-    parser, args = settings.parse_args(argv)
-    settings.check_args(parser, args)
+    parser, args = settings.parse(argv)
     import_backend()  # reading the data imports the library, and Keras
     # -- Data: read and checked against the settings before anything is
     # written, so a refused run leaves no trace in --output-dir.
@@ -63,7 +62,7 @@ def main(argv=None):
     except DataRefused as error:
         parser.error(str(error))
     os.makedirs(args.output_dir, exist_ok=True)
-    with jobs.run_lock(args.output_dir):
+    with processes.run_lock(args.output_dir):
         run(parser, args, split, fingerprint)
 
 
@@ -78,27 +77,27 @@ def run(parser, args, split, fingerprint):
     with open(key_path, "w") as file:
         file.write(key)
     print(f"Data: {split.sizes()}", flush=True)
-    arms = args.arm_list
+    arms = args.arms
     learning = [arm for arm in arms if arm != "frozen"]
     # -- Train: pre-training, learning rates, the incremental phase.
     if not os.path.exists(jobs.path(args, "pretrained.keras")):
-        jobs.run_in_child(jobs.pretrain, args)
+        processes.run_in_child(jobs.pretrain, args)
     methods = sorted({settings.ARMS[arm]["method"] for arm in learning})
     if args.ablation:
         methods = sorted({*methods, "lora"})
     for method in methods:
-        jobs.run_in_child(jobs.select_learning_rate, args, method)
+        processes.run_in_child(jobs.select_learning_rate, args, method)
     for seed in range(args.seeds):
         for arm in arms:
-            jobs.run_in_child(jobs.run_arm, args, arm, seed)
+            processes.run_in_child(jobs.run_arm, args, arm, seed)
     # -- Costs, and the ablation.
     points = ablation.configs(args) if args.ablation else {}
     for name in points:
-        jobs.run_in_child(ablation.run_point, args, name)
+        processes.run_in_child(ablation.run_point, args, name)
     for arm in learning:
-        jobs.run_in_child(costs.memory_probe, args, arm)
+        processes.run_in_child(costs.memory_probe, args, arm)
     if learning:
-        jobs.run_in_child(costs.step_timing, args, learning, bool(points))
+        processes.run_in_child(costs.step_timing, args, learning, bool(points))
     # -- Evaluate and export.
     results = report.collect(args, split.sizes())
     results["data_fingerprint"] = fingerprint
@@ -108,7 +107,7 @@ def run(parser, args, split, fingerprint):
             lora_arms,
             key=lambda a: results["arms"][a]["val_perplexity"]["mean"],
         )
-        jobs.run_in_child(jobs.export, args, best)
+        processes.run_in_child(jobs.export, args, best)
         results["export"] = report.read_json(jobs.path(args, "export.json"))
     jobs.clean(args)
     print("\n" + report.write(results, args.output_dir))

@@ -6,28 +6,21 @@ weights.
     keras_rnn_lora.mark_only_lora_as_trainable(lora_model)
     lora_model.compile(...); lora_model.fit(new_data)
 
-Both work on the model's Keras config: the recurrent layers in it are
-rewritten (`GRU` -> `LoRAGRU`, `keras.layers.RNN` over a stock cell -> the
-same `RNN` over the LoRA cell, also inside `Bidirectional`,
-`StackedRNNCells`, nested models and models whose config nests their
-sub-models), the model is rebuilt from the config and the trained weights
-are copied in, in order, through NumPy. `keras.models.clone_model` was
-considered and not used: it rebuilds a functional subclass (such as the
-translator, which owns `encode`/`decode_step`) as a plain functional model,
-and its `clone_function` cannot see the cells inside `RNN`,
-`Bidirectional` or `StackedRNNCells`.
+Both rewrite the model's Keras config (`config_rewrite.py`), rebuild the
+model from it and copy the trained weights in, in order, through NumPy.
+`keras.models.clone_model` was considered and not used: it rebuilds a
+functional subclass (such as the translator, which owns
+`encode`/`decode_step`) as a plain functional model, and its
+`clone_function` cannot see the cells inside `RNN`, `Bidirectional` or
+`StackedRNNCells`.
 """
 
-import copy
 import dataclasses
 
 import keras
 
+from keras_rnn_lora import config_rewrite
 from keras_rnn_lora import lora
-from keras_rnn_lora.cells import LORA_CELLS
-from keras_rnn_lora.keras_lora import KERAS_LORA_LAYERS
-from keras_rnn_lora.keras_lora import LORA_LAYER_FOR_TARGET
-from keras_rnn_lora.layers import LORA_LAYERS
 from keras_rnn_lora.merging import MergeableLoRA
 from keras_rnn_lora.training import compile_like
 from keras_rnn_lora.walk import check_model
@@ -36,193 +29,7 @@ from keras_rnn_lora.walk import lora_adapters
 from keras_rnn_lora.walk import lora_weight_ids
 from keras_rnn_lora.walk import require_adapters
 
-_LORA_CELL_FOR = {cls._keras_cell.__name__: cls for cls in LORA_CELLS}
-_LORA_LAYER_FOR = {cls._keras_layer.__name__: cls for cls in LORA_LAYERS}
-_STOCK_FOR = {
-    **{cls.__name__: cls._keras_cell for cls in LORA_CELLS},
-    **{cls.__name__: cls._keras_layer for cls in LORA_LAYERS},
-    **{cls.__name__: cls._keras_layer for cls in KERAS_LORA_LAYERS},
-}
-# Keras class name -> (model-wide target, its LoRA twin).
-_KERAS_LORA_FOR = {
-    cls._keras_layer.__name__: (target, cls)
-    for target, cls in LORA_LAYER_FOR_TARGET.items()
-}
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-def _is_keras_class(node, names):
-    return (
-        isinstance(node, dict)
-        and node.get("class_name") in names
-        and str(node.get("module", "")).startswith("keras")
-        and not node.get("registered_name")
-    )
-
-
-def _from_config(node):
-    # Deep copy: Keras' `from_config` pops keys from the dict it is given.
-    return keras.saving.deserialize_keras_object(copy.deepcopy(node))
-
-
-def _serialized(layer, node):
-    """`layer` serialized, keeping what else `node` carried (the functional
-    graph's `inbound_nodes`, for one)."""
-    return {**node, **keras.saving.serialize_keras_object(layer)}
-
-
-def _lora_cell(node, lora_args):
-    """A serialized stock cell (or `StackedRNNCells`) as its LoRA twin:
-    `(new_node, converted)`. LoRA cells and custom cells stay as they are."""
-    if _is_keras_class(node, {"StackedRNNCells"}):
-        cells = [
-            _lora_cell(child, lora_args) for child in node["config"]["cells"]
-        ]
-        config = {**node["config"], "cells": [cell for cell, _ in cells]}
-        return {**node, "config": config}, any(done for _, done in cells)
-    if not _is_keras_class(node, set(_LORA_CELL_FOR)):
-        return node, False
-    stock = _from_config(node)
-    cell = _LORA_CELL_FOR[node["class_name"]](**stock.get_config(), **lora_args)
-    return _serialized(cell, node), True
-
-
-def _lora_recurrent_layer(node, lora_args):
-    """A serialized recurrent layer rewritten to run LoRA cells:
-    `(new_node, converted)`. `SimpleRNN`, `GRU` and `LSTM` become
-    `LoRASimpleRNN`, `LoRAGRU` and `LoRALSTM` (which keep the fused path on
-    a GPU); `RNN` keeps its class with its cell swapped."""
-    if node["class_name"] == "RNN":
-        try:
-            cell, converted = _lora_cell(node["config"]["cell"], lora_args)
-        except ValueError as error:
-            name = node["config"].get("name")
-            raise ValueError(f"Layer '{name}': {error}") from None
-        return {**node, "config": {**node["config"], "cell": cell}}, converted
-    stock = _from_config(node)
-    try:
-        layer = _LORA_LAYER_FOR[node["class_name"]].from_config(
-            {**stock.get_config(), **lora_args}
-        )
-    except ValueError as error:
-        raise ValueError(f"Layer '{stock.name}': {error}") from None
-    return _serialized(layer, node), True
-
-
-def _lora_keras_layer(node, lora_cls, keras_args):
-    """A serialized Keras `Dense`/`EinsumDense`/`Embedding` as its LoRA twin,
-    which enables Keras' own LoRA on it."""
-    stock = _from_config(node)
-    config = stock.get_config()
-    # Keras' own LoRA settings become ours (`keras_args`).
-    config.pop("lora_rank", None)
-    config.pop("lora_alpha", None)
-    try:
-        layer = lora_cls.from_config({**config, **keras_args})
-    except ValueError as error:
-        raise ValueError(f"Layer '{stock.name}': {error}") from None
-    return _serialized(layer, node)
-
-
-def _keras_lora_settings(node):
-    """The rank and alpha of Keras' own LoRA on a serialized layer, or
-    `None` when it has none."""
-    config = node.get("config") if isinstance(node, dict) else None
-    if not isinstance(config, dict) or not config.get("lora_rank"):
-        return None
-    rank = config["lora_rank"]
-    return {"rank": rank, "lora_alpha": config.get("lora_alpha") or rank}
-
-
-class _Conversion:
-    """One walk over a serialized model, converting the selected layers:
-    recurrent layers for the cell targets ("recurrent", "kernel"), Keras'
-    Dense/EinsumDense/Embedding for theirs."""
-
-    def __init__(self, settings, wanted):
-        cell_targets = [
-            t for t in settings.lora_targets if t in lora.CELL_TARGETS
-        ]
-        self.cell_args = (
-            {**settings.to_dict(), "lora_targets": cell_targets}
-            if cell_targets
-            else None
-        )
-        keras_args = settings.to_dict()
-        del keras_args["lora_targets"]
-        self.keras_args = keras_args
-        self.layer_targets = set(settings.lora_targets) & set(
-            lora.LAYER_TARGETS
-        )
-        if self.layer_targets and settings.lora_dropout:
-            raise ValueError(
-                "Received an invalid value for `lora_dropout`, expected 0 "
-                f"with `lora_targets` {sorted(self.layer_targets)}: Keras' "
-                "own LoRA on Dense/EinsumDense/Embedding has no dropout (LoRA "
-                "dropout applies to the recurrent adapters). Received: "
-                f"lora_dropout={settings.lora_dropout}"
-            )
-        self.wanted = wanted  # layer names to convert below; None: all
-        self.seen = set()  # every layer name met, to report unknown ones
-        self.converted = 0
-        self.adopted = set()  # layers that had Keras' own LoRA
-        self.untargeted = {}  # named layer -> the target it would need
-
-    def walk(self, node, selected=False):
-        if isinstance(node, list):
-            return [self.walk(item, selected) for item in node]
-        if not isinstance(node, dict):
-            return node
-        config = node.get("config")
-        name = config.get("name") if isinstance(config, dict) else None
-        if name is not None and "class_name" in node:
-            self.seen.add(name)
-            selected = selected or self.wanted is None or name in self.wanted
-        recurrent = set(_LORA_LAYER_FOR) | {"RNN"}
-        if selected and self.cell_args and _is_keras_class(node, recurrent):
-            node, converted = _lora_recurrent_layer(node, self.cell_args)
-            self.converted += converted
-            return node
-        class_name = node.get("class_name")
-        target, lora_cls = _KERAS_LORA_FOR.get(class_name, (None, None))
-        keras_lora = _keras_lora_settings(node)
-        if keras_lora and _is_keras_class(node, {class_name}):
-            if lora_cls is None:
-                raise ValueError(
-                    f"Layer '{name}' ({class_name}) has Keras' own LoRA "
-                    "enabled (`enable_lora`), which this library adopts on "
-                    "Dense, EinsumDense and Embedding only: its factors "
-                    "would train nowhere. Build the model without it, or "
-                    "merge it into the kernel first."
-                )
-            # Keras' own adapter becomes one of ours, with its values.
-            self.adopted.add(name)
-            self.converted += 1
-            return _lora_keras_layer(
-                node,
-                lora_cls,
-                {
-                    **self.keras_args,
-                    **keras_lora,
-                    "use_rslora": False,
-                    "lora_dropout": 0.0,
-                },
-            )
-        if (
-            selected
-            and target in self.layer_targets
-            and _is_keras_class(node, {class_name})
-        ):
-            self.converted += 1
-            return _lora_keras_layer(node, lora_cls, self.keras_args)
-        if (
-            name is not None
-            and self.wanted
-            and name in self.wanted
-            and target is not None
-        ):
-            self.untargeted[name] = target
-        return {key: self.walk(value, selected) for key, value in node.items()}
 
 
 def _check_base_dtype(base_dtype, argument="base_dtype"):
@@ -337,7 +144,7 @@ def enable_lora(
     wanted = None
     if layers is not None:
         wanted = {layers} if isinstance(layers, str) else set(layers)
-    conversion = _Conversion(settings, wanted)
+    conversion = config_rewrite.Conversion(settings, wanted)
     new_config = conversion.walk(keras.saving.serialize_keras_object(model))
     if wanted is not None and wanted - conversion.seen:
         raise ValueError(
@@ -350,7 +157,7 @@ def enable_lora(
             model, wanted, settings.lora_targets, conversion.untargeted
         )
     if policy is not None:
-        new_config = _with_dtype(new_config, policy)
+        new_config = config_rewrite.with_dtype(new_config, policy)
     # Compiled afresh below: an optimizer built now would cover weights that
     # `mark_only_lora_as_trainable` is about to freeze.
     new_config.pop("compile_config", None)
@@ -395,28 +202,6 @@ def _nothing_converted(model, wanted, targets, untargeted):
         f"enable_lora found no recurrent layer to convert in model "
         f"'{model.name}'{where}: {detail}.{hint}"
     )
-
-
-def _with_dtype(node, policy):
-    """Sets the dtype policy of every layer (not the inputs) in a config."""
-    if isinstance(node, list):
-        return [_with_dtype(item, policy) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: _with_dtype(value, policy) for key, value in node.items()}
-    config = out.get("config")
-    is_input = node.get("class_name") == "InputLayer"
-    if "class_name" in node and isinstance(config, dict) and not is_input:
-        if "dtype" in config and "module" in node:
-            config["dtype"] = keras.saving.serialize_keras_object(policy)
-        initializer = config.get("recurrent_initializer")
-        if isinstance(initializer, dict) and (
-            initializer.get("class_name") == "Orthogonal"
-        ):
-            # No backend has a bfloat16 QR; the copied trained weights
-            # replace whatever is initialized, so any initializer will do.
-            config["recurrent_initializer"] = "glorot_uniform"
-    return out
 
 
 def _keras_lora_factors(model):
@@ -477,25 +262,6 @@ def _copy_adapters(source, target):
         target_adapters[path].load_own_variables(store)
 
 
-def _stock_config(node):
-    """A serialized model with every LoRA cell and layer replaced by its
-    stock Keras twin."""
-    if isinstance(node, list):
-        return [_stock_config(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    stock_cls = _STOCK_FOR.get(node.get("class_name"))
-    if stock_cls is not None and "config" in node:
-        config = {
-            k: v
-            for k, v in node["config"].items()
-            if k not in lora.LORA_CONFIG_KEYS
-        }
-        stock = stock_cls.from_config(copy.deepcopy(config))
-        return _serialized(stock, node)
-    return {key: _stock_config(value) for key, value in node.items()}
-
-
 def to_base_model(model, dtype=None):
     """The same architecture with stock Keras layers and merged weights.
 
@@ -527,10 +293,12 @@ def to_base_model(model, dtype=None):
             raise ValueError(f"Layer '{path}': {error}") from None
         for target, value in merged.items():
             merged_values[id(adapter.lora_kernel(target))] = value
-    config = _stock_config(keras.saving.serialize_keras_object(model))
+    config = config_rewrite.stock_config(
+        keras.saving.serialize_keras_object(model)
+    )
     config.pop("compile_config", None)
     if policy is not None:
-        config = _with_dtype(config, policy)
+        config = config_rewrite.with_dtype(config, policy)
     base = keras.saving.deserialize_keras_object(config)
     _copy_base_weights(model, base, merged_values)
     return compile_like(base, model, build=True)

@@ -12,7 +12,7 @@ import keras
 KERAS_VERSION_READ = "3.15.1"
 
 
-# -- LSTM gate math ------------------------------------------------------------
+# -- LSTM gate math -----------------------------------------------------------
 
 
 def lstm_carry_and_output(cell, z, c_tm1):
@@ -23,7 +23,7 @@ def lstm_carry_and_output(cell, z, c_tm1):
     return cell._compute_carry_and_output_fused(z, c_tm1)
 
 
-# -- the raw weight under Keras' own LoRA ----------------------------------------
+# -- the raw weight under Keras' own LoRA -------------------------------------
 
 #: The attribute holding the frozen weight of each Keras layer with its own
 #: LoRA (`enable_lora`): the public `kernel`/`embeddings` properties add the
@@ -43,7 +43,7 @@ def raw_weight(layer):
     raise TypeError(f"No raw weight known for {type(layer).__name__}.")
 
 
-# -- attributes Keras must not track -------------------------------------------
+# -- attributes Keras must not track ------------------------------------------
 
 
 def set_untracked(layer, name, value):
@@ -53,7 +53,7 @@ def set_untracked(layer, name, value):
     object.__setattr__(layer, name, value)
 
 
-# -- what the stock recurrent layers' loops do ---------------------------------
+# -- what the stock recurrent layers' loops do --------------------------------
 
 #: Backends on which Keras' stock layer projects the whole input sequence in
 #: one matmul before stepping (any device): GRU on JAX and torch, LSTM on
@@ -106,7 +106,7 @@ def fused_kernel_module():
     return backend
 
 
-# -- checkpoints -----------------------------------------------------------------
+# -- checkpoints --------------------------------------------------------------
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):

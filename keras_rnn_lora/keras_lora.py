@@ -33,16 +33,20 @@ import math
 import keras
 from keras import ops
 
+from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
 from keras_rnn_lora.merging import MergeableLoRA
 
 
-class _KerasLoRAMixin(MergeableLoRA):
-    """The adapter interface on top of a Keras layer's own LoRA."""
+class KerasLoRALayer(MergeableLoRA):
+    """The adapter interface on top of a Keras layer's own LoRA.
 
-    _keras_layer = None
-    _weight = "_kernel"  # the Keras attribute of the frozen weight
-    _factors = ("lora_kernel_a", "lora_kernel_b")  # Keras' factor names
+    A layer class sets `stock_class` (its Keras parent) and, where Keras
+    names them otherwise, `factor_names` (Keras' factor variables).
+    """
+
+    stock_class = None
+    factor_names = ("lora_kernel_a", "lora_kernel_b")
 
     @classmethod
     def _pop_lora_arguments(cls, kwargs):
@@ -77,7 +81,7 @@ class _KerasLoRAMixin(MergeableLoRA):
         if config.lora_dropout:
             raise ValueError(
                 "Received an invalid value for `lora_dropout`, expected 0: "
-                f"Keras' LoRA on {self._keras_layer.__name__} has no dropout "
+                f"Keras' LoRA on {self.stock_class.__name__} has no dropout "
                 "(LoRA dropout applies to the recurrent adapters). Received: "
                 f"lora_dropout={config.lora_dropout}"
             )
@@ -104,11 +108,11 @@ class _KerasLoRAMixin(MergeableLoRA):
 
     def lora_kernel(self, target="kernel"):
         """The frozen weight the adapter applies to (a variable)."""
-        return getattr(self, self._weight)
+        return keras_internals.raw_weight(self)
 
     def lora_factors(self, target="kernel"):
         """The factors `(A, B)`: Keras' own LoRA variables."""
-        return tuple(getattr(self, name) for name in self._factors)
+        return tuple(getattr(self, name) for name in self.factor_names)
 
     def effective_kernel(self, target="kernel"):
         """`W + s*A@B` from the live factors (merged, `B` is zero and `W`
@@ -127,17 +131,22 @@ class _KerasLoRAMixin(MergeableLoRA):
 
 _ARGS_DOC = """
     Args:
-        {args}
-        rank: int, the LoRA rank.
-        lora_alpha, use_rslora, lora_a_initializer, lora_b_initializer,
-        lora_merged, trainable_base_weights: as for the LoRA cells
-            (`lora_targets` is `("kernel",)`; `lora_dropout` must be 0).
+{args}
+        rank: int, the LoRA rank (required).
+        lora_alpha: as for `keras_rnn_lora.LoRAConfig`.
+        use_rslora: as for `keras_rnn_lora.LoRAConfig`.
+        lora_dropout: must be 0: Keras' own LoRA has no dropout.
+        lora_targets: `("kernel",)`, the only target of these layers.
+        lora_a_initializer: as for `keras_rnn_lora.LoRAConfig`.
+        lora_b_initializer: as for `keras_rnn_lora.LoRAConfig`.
+        lora_merged: as for the LoRA cells.
+        trainable_base_weights: as for the LoRA cells.
         **kwargs: every other argument of `keras.layers.{layer}`.
 """
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
-class LoRADense(_KerasLoRAMixin, keras.layers.Dense):
+class LoRADense(KerasLoRALayer, keras.layers.Dense):
     """`keras.layers.Dense` with Keras' own LoRA on its kernel.
 
     `y = x @ (W + s * A @ B) + b`, `W` frozen, `A` and `B` Keras' float32
@@ -150,7 +159,7 @@ class LoRADense(_KerasLoRAMixin, keras.layers.Dense):
     (2, 16)
     """
 
-    _keras_layer = keras.layers.Dense
+    stock_class = keras.layers.Dense
 
     def __init__(self, units, rank=None, **kwargs):
         arguments = self._pop_lora_arguments(kwargs)
@@ -159,7 +168,7 @@ class LoRADense(_KerasLoRAMixin, keras.layers.Dense):
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
-class LoRAEinsumDense(_KerasLoRAMixin, keras.layers.EinsumDense):
+class LoRAEinsumDense(KerasLoRALayer, keras.layers.EinsumDense):
     """`keras.layers.EinsumDense` with Keras' own LoRA on its kernel.
 
     `A` has the kernel's shape but its last axis (`rank` instead), `B` is
@@ -172,7 +181,7 @@ class LoRAEinsumDense(_KerasLoRAMixin, keras.layers.EinsumDense):
     (2, 16)
     """
 
-    _keras_layer = keras.layers.EinsumDense
+    stock_class = keras.layers.EinsumDense
 
     def __init__(self, equation, output_shape, rank=None, **kwargs):
         arguments = self._pop_lora_arguments(kwargs)
@@ -181,7 +190,7 @@ class LoRAEinsumDense(_KerasLoRAMixin, keras.layers.EinsumDense):
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
-class LoRAEmbedding(_KerasLoRAMixin, keras.layers.Embedding):
+class LoRAEmbedding(KerasLoRALayer, keras.layers.Embedding):
     """`keras.layers.Embedding` with Keras' own LoRA on its table.
 
     The table read is `E + s * A @ B`, `A` of shape `(input_dim, rank)`,
@@ -194,9 +203,8 @@ class LoRAEmbedding(_KerasLoRAMixin, keras.layers.Embedding):
     (2, 5, 16)
     """
 
-    _keras_layer = keras.layers.Embedding
-    _weight = "_embeddings"
-    _factors = ("lora_embeddings_a", "lora_embeddings_b")
+    stock_class = keras.layers.Embedding
+    factor_names = ("lora_embeddings_a", "lora_embeddings_b")
 
     def __init__(self, input_dim, output_dim, rank=None, **kwargs):
         arguments = self._pop_lora_arguments(kwargs)
@@ -205,15 +213,25 @@ class LoRAEmbedding(_KerasLoRAMixin, keras.layers.Embedding):
 
 
 for _cls, _args in (
-    (LoRADense, "units: Positive integer, the output width."),
+    (LoRADense, ["units: Positive integer, the output width."]),
     (
         LoRAEinsumDense,
-        "equation, output_shape: as for `keras.layers.EinsumDense`.",
+        [
+            "equation: as for `keras.layers.EinsumDense`.",
+            "output_shape: as for `keras.layers.EinsumDense`.",
+        ],
     ),
-    (LoRAEmbedding, "input_dim, output_dim: the table's shape."),
+    (
+        LoRAEmbedding,
+        [
+            "input_dim: the number of rows of the table.",
+            "output_dim: the width of the table.",
+        ],
+    ),
 ):
     _cls.__doc__ += _ARGS_DOC.format(
-        args=_args, layer=_cls._keras_layer.__name__
+        args="\n".join(f"        {line}" for line in _args),
+        layer=_cls.stock_class.__name__,
     )
 
 KERAS_LORA_LAYERS = (LoRADense, LoRAEinsumDense, LoRAEmbedding)

@@ -23,7 +23,9 @@ import contextlib
 
 import keras
 
+from keras_rnn_lora import cell_base
 from keras_rnn_lora import cells
+from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
 
 # Arguments of the stock layer that belong to `keras.layers.RNN` itself.
@@ -55,23 +57,9 @@ def accelerator_present():
     return False
 
 
-def _contiguous(outputs):
-    """`outputs` in contiguous memory on torch; unchanged elsewhere.
-
-    Keras' torch `rnn()` returns the sequence as a transposed view of a
-    time-major stack. A `Dense` after it then runs a batched matmul with its
-    kernel broadcast over the batch, and a loss a log-softmax over strided
-    memory; one copy here makes them plain 2D matmuls (`torch.profiler`:
-    the paper's Elman model, 2 x 512, vocabulary 8,000, step 180 -> 107 ms).
-    """
-    if keras.backend.backend() == "torch" and hasattr(outputs, "contiguous"):
-        return outputs.contiguous()
-    return outputs
-
-
 class _FusedOff:
     """What `use_cudnn` reads as outside a LoRA layer (see
-    `_LoRALayerMixin.use_cudnn`): falsy, and neither `True` nor `"auto"`,
+    `LoRARecurrentLayer.use_cudnn`): falsy, and neither `True` nor `"auto"`,
     so fused kernels reading the raw kernels stay off."""
 
     def __bool__(self):
@@ -125,38 +113,56 @@ class _CellStep:
         return self._step(inputs, states, training=self._training)
 
 
-class _LoRALayerMixin:
-    """Builds the stock layer, then runs it over the matching LoRA cell."""
+def _stock_and_cell(layer, units, rank, kwargs):
+    """The stock layer `layer` stands for, and its LoRA cell.
 
-    _keras_layer = None
-    _lora_cell = None
+    A throwaway stock layer validates every stock argument with Keras' own
+    messages and gives the cell's full set of arguments."""
+    name = type(layer).__name__
+    lora_kwargs = {
+        key: kwargs.pop(key)
+        for key in lora.LORA_CONFIG_KEYS
+        if key in kwargs and key != "rank"
+    }
+    try:
+        stock = layer.stock_class(units, **kwargs)
+    except ValueError as error:  # name this class, not the stock one
+        raise ValueError(
+            str(error).replace(
+                f"passed to {layer.stock_class.__name__}:", f"passed to {name}:"
+            )
+        ) from None
+    if rank is None:
+        raise TypeError(
+            f"{name} needs the LoRA rank: pass `rank`, e.g. "
+            f"{name}({units}, rank=8)."
+        )
+    cell = layer.cell_class(
+        rank=rank, **lora_kwargs, **cell_base.stock_cell_arguments(stock.cell)
+    )
+    return stock, cell
+
+
+class LoRARecurrentLayer:
+    """What `LoRASimpleRNN`, `LoRAGRU` and `LoRALSTM` share: the stock layer
+    run over its LoRA cell, with the fused path fed `W + s*A@B`.
+
+    A layer class sets `stock_class` (its Keras parent, e.g.
+    `keras.layers.GRU`) and `cell_class` (its LoRA cell).
+    """
+
+    stock_class = None
+    cell_class = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.stock_class is None or cls.cell_class is None:
+            raise TypeError(
+                f"{cls.__name__} must set `stock_class` and `cell_class`."
+            )
 
     def __init__(self, units, rank=None, **kwargs):
-        lora_kwargs = {
-            key: kwargs.pop(key)
-            for key in lora.LORA_CONFIG_KEYS
-            if key in kwargs and key != "rank"
-        }
-        # A throwaway stock layer validates every stock argument with Keras'
-        # own messages and gives the cell's full set of arguments.
-        try:
-            stock = self._keras_layer(units, **kwargs)
-        except ValueError as error:  # name this class, not the stock one
-            stock_name = self._keras_layer.__name__
-            raise ValueError(
-                str(error).replace(
-                    f"passed to {stock_name}:",
-                    f"passed to {type(self).__name__}:",
-                )
-            ) from None
-        if rank is None:
-            raise TypeError(
-                f"{type(self).__name__} needs the LoRA rank: pass `rank`, "
-                f"e.g. {type(self).__name__}({units}, rank=8)."
-            )
-        cell = self._lora_cell(
-            rank=rank, **lora_kwargs, **cells.stock_cell_arguments(stock.cell)
-        )
+        stock, cell = _stock_and_cell(self, units, rank, kwargs)
         keras.layers.RNN.__init__(
             self,
             cell,
@@ -205,54 +211,48 @@ class _LoRALayerMixin:
 
     @property
     def lora_weights(self):
+        """The cell's live factor variables (see the cell's)."""
         return self.cell.lora_weights
 
     @property
     def lora_merged(self):
+        """Whether the cell's adapter is merged into its kernels."""
         return self.cell.lora_merged
 
     def merge_lora(self, reset=False):
+        """Merges the cell's adapter (see `LoRAGRUCell.merge_lora`)."""
         self.cell.merge_lora(reset=reset)
         return self
 
     def unmerge_lora(self):
+        """Unmerges the cell's adapter, restoring the exact weights."""
         self.cell.unmerge_lora()
         return self
 
     def _fusable(self, training):
         return (
             accelerator_present()
-            and getattr(self, "_use_cudnn", False) in ("auto", True)
+            and self.use_cudnn_setting in ("auto", True)
             and not (training and self.cell.lora_dropout > 0)
         )
-
-    # The backends whose stock layer projects the input sequence in one
-    # matmul before stepping, on any device (Keras 3.15: GRU on JAX and
-    # torch, LSTM on torch; none on TensorFlow, none for SimpleRNN).
-    _stock_precomputes_on = ()
 
     def _precompute_inputs(self, training, mask):
         """Whether the factored loop projects the whole input sequence in
         one matmul before stepping: where the stock layer's own loop does
-        (`_stock_precomputes_on`; GRU with `reset_after`; no mask, no
-        unroll, no recurrent dropout), so a LoRA layer and its stock layer
-        do equal work on every backend; and not when input dropout or LoRA
-        dropout on the input kernel draws per-step masks."""
+        (`keras_internals.stock_precomputes`), so a LoRA layer and its stock
+        layer do equal work on every backend; and not when input dropout or
+        LoRA dropout on the input kernel draws per-step masks."""
         cell = self.cell
-        return (
-            keras.backend.backend() in self._stock_precomputes_on
-            and getattr(self, "_use_cudnn", "auto") in ("auto", True)
-            and getattr(cell, "reset_after", True)
-            and mask is None
-            and not self.unroll
-            and not cell.recurrent_dropout
-            and not (
-                training
-                and (
-                    cell.dropout > 0
-                    or (cell.lora_dropout > 0 and "kernel" in cell.lora_targets)
-                )
-            )
+        per_step_masks = training and (
+            cell.dropout > 0
+            or (cell.lora_dropout > 0 and "kernel" in cell.lora_targets)
+        )
+        return not per_step_masks and keras_internals.stock_precomputes(
+            self.stock_class,
+            self.use_cudnn_setting,
+            cell,
+            self.unroll,
+            mask,
         )
 
     def _factored_loop(self, sequences, initial_state, mask, training):
@@ -271,17 +271,17 @@ class _LoRALayerMixin:
         """`self.cell` reads as `view` for one call. Set without Keras'
         attribute tracking: the view is never a weight-owning child."""
         real_cell = self.cell
-        object.__setattr__(self, "cell", view)
+        keras_internals.set_untracked(self, "cell", view)
         try:
             yield
         finally:
-            object.__setattr__(self, "cell", real_cell)
+            keras_internals.set_untracked(self, "cell", real_cell)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         last, outputs, states = self._inner_loop(
             sequences, initial_state, mask, training
         )
-        return last, _contiguous(outputs), states
+        return last, keras_internals.contiguous_sequence(outputs), states
 
     def _inner_loop(self, sequences, initial_state, mask, training):
         if not self._fusable(training):
@@ -289,12 +289,12 @@ class _LoRALayerMixin:
         # The stock layer's own dispatch (cuDNN where it can, else its step
         # loop) with the cell's kernels read as W + s*A@B.
         with self._cell_view(_EffectiveKernels(self.cell)):
-            return self._keras_layer.inner_loop(
+            return self.stock_class.inner_loop(
                 self, sequences, initial_state, mask, training=training
             )
 
     def get_config(self):
-        config = self._keras_layer.get_config(self)
+        config = self.stock_class.get_config(self)
         cell_config = self.cell.get_config()
         config.update({key: cell_config[key] for key in lora.LORA_CONFIG_KEYS})
         if hasattr(self, "_use_cudnn"):
@@ -307,16 +307,25 @@ class _LoRALayerMixin:
 _ARGS_DOC = """
     Args:
         units: Positive integer, dimensionality of the output space.
-        rank, lora_alpha, use_rslora, lora_dropout, lora_targets,
-        lora_a_initializer, lora_b_initializer, lora_merged: as for
-            `keras_rnn_lora.{cell}` (rank required).
+        rank: int, the LoRA rank `r` (required), `1 <= rank <= units`.
+{lora_args}
         **kwargs: every other argument of `keras.layers.{layer}`,
             unchanged.
 """
+_SAME_AS_CELL = (
+    "lora_alpha",
+    "use_rslora",
+    "lora_dropout",
+    "lora_targets",
+    "lora_a_initializer",
+    "lora_b_initializer",
+    "lora_merged",
+    "trainable_base_weights",
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
-class LoRASimpleRNN(_LoRALayerMixin, keras.layers.SimpleRNN):
+class LoRASimpleRNN(LoRARecurrentLayer, keras.layers.SimpleRNN):
     """`keras.layers.SimpleRNN` over a `LoRASimpleRNNCell`.
 
     No backend has a fused SimpleRNN kernel, so this always runs the
@@ -329,12 +338,12 @@ class LoRASimpleRNN(_LoRALayerMixin, keras.layers.SimpleRNN):
     (2, 32)
     """
 
-    _keras_layer = keras.layers.SimpleRNN
-    _lora_cell = cells.LoRASimpleRNNCell
+    stock_class = keras.layers.SimpleRNN
+    cell_class = cells.LoRASimpleRNNCell
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
-class LoRAGRU(_LoRALayerMixin, keras.layers.GRU):
+class LoRAGRU(LoRARecurrentLayer, keras.layers.GRU):
     """`keras.layers.GRU` over a `LoRAGRUCell`, with the cuDNN path kept.
 
     On a GPU the effective kernel `W + s*A@B` goes to the backend's fused
@@ -349,13 +358,12 @@ class LoRAGRU(_LoRALayerMixin, keras.layers.GRU):
     (2, 5, 32)
     """
 
-    _keras_layer = keras.layers.GRU
-    _lora_cell = cells.LoRAGRUCell
-    _stock_precomputes_on = ("jax", "torch")
+    stock_class = keras.layers.GRU
+    cell_class = cells.LoRAGRUCell
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
-class LoRALSTM(_LoRALayerMixin, keras.layers.LSTM):
+class LoRALSTM(LoRARecurrentLayer, keras.layers.LSTM):
     """`keras.layers.LSTM` over a `LoRALSTMCell`, with the cuDNN path kept.
 
     On a GPU the effective kernel `W + s*A@B` goes to the backend's fused
@@ -367,16 +375,17 @@ class LoRALSTM(_LoRALayerMixin, keras.layers.LSTM):
     >>> output, h, c = layer(np.zeros((2, 5, 8)))
     """
 
-    _keras_layer = keras.layers.LSTM
-    _lora_cell = cells.LoRALSTMCell
-    _stock_precomputes_on = ("torch",)
+    stock_class = keras.layers.LSTM
+    cell_class = cells.LoRALSTMCell
 
 
-for _cls, _cell, _layer in (
-    (LoRASimpleRNN, "LoRASimpleRNNCell", "SimpleRNN"),
-    (LoRAGRU, "LoRAGRUCell", "GRU"),
-    (LoRALSTM, "LoRALSTMCell", "LSTM"),
-):
-    _cls.__doc__ += _ARGS_DOC.format(cell=_cell, layer=_layer)
+for _cls in (LoRASimpleRNN, LoRAGRU, LoRALSTM):
+    _cell = f"`keras_rnn_lora.{_cls.cell_class.__name__}`"
+    _cls.__doc__ += _ARGS_DOC.format(
+        lora_args="\n".join(
+            f"        {name}: as for {_cell}." for name in _SAME_AS_CELL
+        ),
+        layer=_cls.stock_class.__name__,
+    )
 
 LORA_LAYERS = (LoRASimpleRNN, LoRAGRU, LoRALSTM)

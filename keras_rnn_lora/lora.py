@@ -9,12 +9,15 @@ import copy
 import dataclasses
 import json
 import math
-import numbers
 
 import keras
 import numpy as np
 from keras import initializers
 from keras import ops
+
+from keras_rnn_lora.checks import invalid
+from keras_rnn_lora.checks import is_int
+from keras_rnn_lora.checks import is_real
 
 #: What an adapter can target: the input and recurrent kernels of the
 #: recurrent cells, and (model-wide, through Keras' own LoRA) the kernels of
@@ -27,29 +30,14 @@ LORA_TARGETS = (*CELL_TARGETS, *LAYER_TARGETS)
 KERNEL_ATTRIBUTES = {"kernel": "kernel", "recurrent": "recurrent_kernel"}
 
 
-def _invalid(argument, expected, value):
-    return ValueError(
-        f"Received an invalid value for `{argument}`, expected {expected}. "
-        f"Received: {argument}={value!r}"
-    )
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def validate_rank(rank, units=None):
     """Checks `rank` is a positive integer (no larger than `units` when
     given) and returns it."""
-    if not _is_int(rank) or rank < 1 or (units is not None and rank > units):
+    if not is_int(rank) or rank < 1 or (units is not None and rank > units):
         expected = "a positive integer" + (
             "" if units is None else f" no larger than `units` ({units})"
         )
-        raise _invalid("rank", expected, rank)
+        raise invalid("rank", expected, rank)
     return int(rank)
 
 
@@ -57,23 +45,23 @@ def validate_lora_alpha(lora_alpha, rank):
     """Returns `lora_alpha` as a float (default: `rank`); must be > 0."""
     if lora_alpha is None:
         return float(rank)
-    if not _is_real(lora_alpha) or not math.isfinite(lora_alpha):
-        raise _invalid("lora_alpha", "a finite number > 0", lora_alpha)
+    if not is_real(lora_alpha) or not math.isfinite(lora_alpha):
+        raise invalid("lora_alpha", "a finite number > 0", lora_alpha)
     if lora_alpha <= 0:
-        raise _invalid("lora_alpha", "a finite number > 0", lora_alpha)
+        raise invalid("lora_alpha", "a finite number > 0", lora_alpha)
     return float(lora_alpha)
 
 
 def validate_lora_dropout(lora_dropout):
     """Returns `lora_dropout` as a float; must lie in `[0, 1)`."""
-    if not _is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
-        raise _invalid("lora_dropout", "a float in [0, 1)", lora_dropout)
+    if not is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
+        raise invalid("lora_dropout", "a float in [0, 1)", lora_dropout)
     return float(lora_dropout)
 
 
 def validate_use_rslora(use_rslora):
     if not isinstance(use_rslora, bool):
-        raise _invalid("use_rslora", "a bool", use_rslora)
+        raise invalid("use_rslora", "a bool", use_rslora)
     return use_rslora
 
 
@@ -93,7 +81,7 @@ def validate_lora_targets(lora_targets, allowed=LORA_TARGETS):
         or any(t not in allowed for t in targets)
         or len(set(targets)) != len(targets)
     ):
-        raise _invalid(
+        raise invalid(
             "lora_targets",
             f"a non-empty sequence of distinct names from {allowed}",
             lora_targets,
@@ -106,7 +94,7 @@ def validate_initializer(name, value):
     try:
         return initializers.get(value)
     except (ValueError, TypeError):
-        raise _invalid(name, "a Keras initializer", value) from None
+        raise invalid(name, "a Keras initializer", value) from None
 
 
 def new_initializer(identifier):

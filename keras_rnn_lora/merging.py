@@ -1,5 +1,5 @@
 """Merge state of a LoRA adapter: merge, unmerge, the exact pre-merge
-kernels, and how all of it is saved and loaded.
+kernels, which weights train, and loading a stored layer.
 
 What a layer computes never depends on Python state: it always applies its
 live factor variables, `W + s * A @ B`. Merging writes `W + s * A @ B` into
@@ -11,44 +11,21 @@ an unmerge or an adapter load computes the new function: `model.predict`,
 
 `MergeableLoRA` is mixed into every layer or cell that carries an adapter
 (the recurrent cells, and the Dense/EinsumDense/Embedding layers); what a
-host must provide is the abstract base `LoRAHost`.
-
-Stores (`.keras` and `.weights.h5` files) of such a layer hold the stock
-weights by position (`"0"`, `"1"`, ...: exactly what the stock layer
-stores, so a stock file loads here and `to_base_model` goes back), the
-adapter's factors by name, `"lora_merged"` and, while merged,
-`"premerge_<kernel>"`. Loading restores the stored function whatever
-state the receiving layer is in: a merged file loads into an unmerged twin
-(and the reverse) without applying the delta twice or dropping it.
+host must provide is the abstract base `host.LoRAHost`. The stored form is
+`lora_store.py`'s; loading restores the stored function whatever state the
+receiving layer is in: a merged file loads into an unmerged twin (and the
+reverse) without applying the delta twice or dropping it.
 """
 
-import abc
-
-import keras
 import numpy as np
 
 from keras_rnn_lora import lora
-
-MERGED_KEY = "lora_merged"
-
-
-class LoRAHost(abc.ABC):
-    """What a layer or cell provides to carry an adapter (`MergeableLoRA`)."""
-
-    @abc.abstractmethod
-    def lora_kernel(self, target):
-        """The frozen kernel variable `W` of `target`."""
-
-    @abc.abstractmethod
-    def lora_factors(self, target):
-        """The live factor variables `(A, B)` of `target`."""
-
-    @abc.abstractmethod
-    def base_weights(self):
-        """The weights a stock layer of this kind has, in its order."""
+from keras_rnn_lora import lora_store
+from keras_rnn_lora.trainability import LoRATrainability
+from keras_rnn_lora.trainability import check_trainable_base_weights
 
 
-class MergeableLoRA(LoRAHost):
+class MergeableLoRA(LoRATrainability):
     """Merge, unmerge and save the adapter of the host layer (see module)."""
 
     lora_noun = "layer"  # what messages call the host
@@ -66,7 +43,7 @@ class MergeableLoRA(LoRAHost):
             setattr(self, name, lora.new_initializer(getattr(config, name)))
         self.scaling = config.scaling
         self._lora_merged = bool(lora_merged)
-        self.trainable_base_weights = _check_trainable_base_weights(
+        self.trainable_base_weights = check_trainable_base_weights(
             trainable_base_weights
         )
         # While merged: the kernels before the merge (target -> array) and
@@ -121,66 +98,7 @@ class MergeableLoRA(LoRAHost):
     def _where(self, target):
         return f"'{self.name}', kernel '{self.lora_kernel(target).name}'"
 
-    # -- trainability -------------------------------------------------------
-
-    @property
-    def trainable(self):
-        return keras.layers.Layer.trainable.fget(self)
-
-    @trainable.setter
-    def trainable(self, value):
-        # Keras' setter thaws every weight the layer created trainable,
-        # adapted kernels included: they stay frozen here.
-        keras.layers.Layer.trainable.fset(self, value)
-        if self.built and hasattr(self, "lora_config"):
-            self._apply_trainability()
-
-    def set_trainable_base_weights(self, names):
-        """Which of the layer's base weights (those that are not factors
-        and not adapted kernels) train: `None` (the default) all of them,
-        as in the stock layer; a sequence of weight names (e.g.
-        `("bias",)`, or `()`: only the factors train). Adapted kernels are
-        always frozen, and the factors are frozen while merged. Recorded in
-        the config, so it survives saving."""
-        self.trainable_base_weights = _check_trainable_base_weights(names)
-        if self.built:
-            self._apply_trainability()
-
-    def finish_lora_build(self):
-        """Called at the end of the host's `build()`: a layer built merged
-        starts with its live `B` at zero (the delta is in the kernel), and
-        the trainability of every weight follows the settings."""
-        if self._lora_merged:
-            for target in self.lora_targets:
-                b = self.lora_factors(target)[1]
-                b.assign(np.zeros(b.shape, "float32"))
-        self._apply_trainability()
-
-    def _apply_trainability(self):
-        """Sets the base weights' flags from `trainable_base_weights`; the
-        factors are frozen while merged."""
-        targets = {id(self.lora_kernel(t)) for t in self.lora_targets}
-        names = self.trainable_base_weights
-        for weight in self.base_weights():
-            weight.trainable = id(weight) not in targets and (
-                names is None or weight.name in names
-            )
-        if self._lora_merged:
-            self._freeze_factors()
-
-    def _freeze_factors(self):
-        if self._factors_trainable is None:
-            self._factors_trainable = [w.trainable for w in self.lora_weights]
-        for weight in self.lora_weights:
-            weight.trainable = False
-
-    def _thaw_factors(self):
-        flags = self._factors_trainable or [True] * len(self.lora_weights)
-        for weight, flag in zip(self.lora_weights, flags, strict=True):
-            weight.trainable = flag
-        self._factors_trainable = None
-
-    # -- the kernels -------------------------------------------------------
+    # -- the kernels ----------------------------------------------------------
 
     def base_kernel(self, target):
         """The frozen kernel `W` the adapter of `target` applies to, as a
@@ -227,7 +145,7 @@ class MergeableLoRA(LoRAHost):
             )
         return merged
 
-    # -- merging -----------------------------------------------------------
+    # -- merging --------------------------------------------------------------
 
     def merge_lora(self, reset=False):
         """Folds `s * A @ B` into each targeted kernel. Idempotent.
@@ -339,7 +257,7 @@ class MergeableLoRA(LoRAHost):
                 weight.assign(arrays[weight.name])
         return self
 
-    # -- saving --------------------------------------------------------------
+    # -- saving ---------------------------------------------------------------
 
     def _stock_weights(self):
         lora_ids = {id(w) for w in self.lora_weights}
@@ -360,16 +278,16 @@ class MergeableLoRA(LoRAHost):
         )
         for name, value in factors.items():
             store[name] = value
-        store[MERGED_KEY] = np.array(int(self._lora_merged))
+        store[lora_store.MERGED_KEY] = np.array(int(self._lora_merged))
         if self._lora_merged and known:
             for target, kernel in self._premerge_kernels.items():
-                store[_premerge_key(self, target)] = kernel
+                store[lora_store.premerge_key(self, target)] = kernel
 
     def load_own_variables(self, store):
         """Loads this layer's store, or a stock layer's (the adapter then
         keeps its factors), and restores the stored function in this
         layer's own merge state."""
-        stored = _read_store(self, store)
+        stored = lora_store.read_store(self, store)
         base = self.base_weights()
         position = {id(w): i for i, w in enumerate(base)}
         stored_kernels = {
@@ -423,115 +341,10 @@ class MergeableLoRA(LoRAHost):
         """The constructor arguments this mixin adds, for `get_config`."""
         return {
             **self.lora_config.to_dict(),
-            MERGED_KEY: self._lora_merged,
+            lora_store.MERGED_KEY: self._lora_merged,
             "trainable_base_weights": (
                 None
                 if self.trainable_base_weights is None
                 else list(self.trainable_base_weights)
             ),
         }
-
-
-def _check_trainable_base_weights(names):
-    if names is None:
-        return None
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise ValueError(
-            "Received an invalid value for `trainable_base_weights`, "
-            "expected None or a sequence of weight names such as "
-            f"('bias',). Received: trainable_base_weights={names!r}"
-        )
-    return tuple(names)
-
-
-def _array(value):
-    """A NumPy copy of a stored value: an HDF5 dataset, an array, or (when
-    one layer's store is copied into another) a variable."""
-    if isinstance(value, keras.Variable):
-        return lora.to_numpy(value)
-    return np.array(value)
-
-
-def _premerge_key(layer, target):
-    return f"premerge_{layer.lora_kernel(target).name}"
-
-
-class _Stored:
-    """A layer's stored weights, read and checked before any is assigned."""
-
-    def __init__(self, base, factors, merged, premerge):
-        self.base = base  # the stock weights, in order
-        self.factors = factors  # factor name -> array, None in a stock store
-        self.merged = merged  # whether the stored kernels are merged
-        self.premerge = premerge  # target -> pre-merge kernel when merged
-
-
-def _read_store(layer, store):
-    """Reads `store` for `layer`: every key known, every shape right, or a
-    `ValueError` naming the layer."""
-    keys = set(store.keys())
-    base_weights = layer.base_weights()
-    factor_weights = layer.lora_weights
-    names = {w.name for w in factor_weights}
-    premerge_keys = {_premerge_key(layer, t): t for t in layer.lora_targets}
-    positions = {str(i) for i in range(len(base_weights))}
-    unknown = keys - positions - names - {MERGED_KEY} - set(premerge_keys)
-    if not keys and positions:
-        raise ValueError(
-            f"'{layer.name}' ({type(layer).__name__}) found no stored "
-            "weights. Keras files key layers by class name, so a file saved "
-            "from a stock model holds this layer under its stock class's "
-            "name, which the LoRA layer cannot read (layers loaded before "
-            "this one may already hold the file's weights). Load the file "
-            "into the stock model, then `keras_rnn_lora.enable_lora` it."
-        )
-    if unknown or not positions <= keys:
-        raise ValueError(
-            f"'{layer.name}' ({type(layer).__name__}) cannot load the "
-            f"stored weights {sorted(keys)}: it expects the stock weights "
-            f"'0'..'{len(base_weights) - 1}', optionally the factors "
-            f"{sorted(names)}, '{MERGED_KEY}' and the pre-merge kernels. "
-            "Was the file saved from another architecture?"
-        )
-
-    def read(key, weight):
-        value = _array(store[key])
-        if tuple(value.shape) != tuple(weight.shape):
-            raise ValueError(
-                f"'{layer.name}': stored weight '{key}' has shape "
-                f"{tuple(value.shape)}, but '{weight.name}' has "
-                f"{tuple(weight.shape)}."
-            )
-        return value
-
-    base = [read(f"{i}", w) for i, w in enumerate(base_weights)]
-    factors = None
-    if names & keys:
-        if names - keys:
-            raise ValueError(
-                f"'{layer.name}': the stored weights lack the factors "
-                f"{sorted(names - keys)}."
-            )
-        factors = {w.name: read(w.name, w) for w in factor_weights}
-    premerge = {
-        target: read(key, layer.lora_kernel(target))
-        for key, target in premerge_keys.items()
-        if key in keys
-    }
-    merged = MERGED_KEY in keys and bool(_array(store[MERGED_KEY]))
-    if (
-        merged
-        and premerge
-        and (factors is None or set(premerge) != set(layer.lora_targets))
-    ):
-        raise ValueError(
-            f"'{layer.name}': the stored weights say they are merged but "
-            "lack the factors or some pre-merge kernels needed to restore "
-            "them."
-        )
-    if premerge and not merged:
-        raise ValueError(
-            f"'{layer.name}': the stored weights hold pre-merge kernels but "
-            "say they are not merged."
-        )
-    return _Stored(base, factors, merged, premerge)

@@ -191,13 +191,10 @@ def _stock_subtrees(model):
     return list(walk(model))
 
 
-def _size(weights):
-    return sum(int(np.prod(w.shape)) for w in weights)
-
-
 def count_parameters(weights):
-    """The number of values in `weights` (variables or arrays)."""
-    return _size(weights)
+    """The number of values in `weights` (variables or arrays), e.g.
+    `count_parameters(model.trainable_weights)`."""
+    return sum(int(np.prod(w.shape)) for w in weights)
 
 
 def lora_summary(model, print_fn=print, by_layer=False):
@@ -211,14 +208,14 @@ def lora_summary(model, print_fn=print, by_layer=False):
     path), its class, rank, factor count and merge state.
     """
     check_model(model, "lora_summary")
-    trainable = _size(model.trainable_weights)
-    total = _size(model.weights)
+    trainable = count_parameters(model.trainable_weights)
+    total = count_parameters(model.weights)
     adapters = lora_adapters(model)
     layers = {
         path: {
             "class_name": type(adapter).__name__,
             "rank": adapter.rank,
-            "lora": _size(adapter.lora_weights),
+            "lora": count_parameters(adapter.lora_weights),
             "merged": adapter.lora_merged,
         }
         for path, adapter in adapters.items()

@@ -385,7 +385,7 @@ def test_a_format_2_file_still_loads(tmp_path):
 def test_a_save_landing_during_a_load_never_mixes_two_files(tmp_path):
     """The file is read through one handle: a save that replaces it (by
     rename) while a load reads it changes nothing of what is loaded."""
-    from keras_rnn_lora import adapter_io
+    from keras_rnn_lora import adapter_file
 
     base = functional_model()
     path = tmp_path / "a.lora.weights.h5"
@@ -393,7 +393,7 @@ def test_a_save_landing_during_a_load_never_mixes_two_files(tmp_path):
     keras_rnn_lora.save_lora_weights(first, path)
     second_path = tmp_path / "b.lora.weights.h5"
     keras_rnn_lora.save_lora_weights(trained_adapter(base, seed=9), second_path)
-    read = adapter_io._AdapterFile.factors
+    read = adapter_file.AdapterFile.factors
     swapped = []
 
     def factors_then_swap(self, header):
@@ -405,10 +405,10 @@ def test_a_save_landing_during_a_load_never_mixes_two_files(tmp_path):
 
     target = trained_adapter(base, seed=30)
     try:
-        adapter_io._AdapterFile.factors = factors_then_swap
+        adapter_file.AdapterFile.factors = factors_then_swap
         keras_rnn_lora.load_lora_weights(target, path)
     finally:
-        adapter_io._AdapterFile.factors = read
+        adapter_file.AdapterFile.factors = read
     assert swapped
     np.testing.assert_allclose(
         to_numpy(target(x_batch(3))), to_numpy(first(x_batch(3))), atol=1e-5

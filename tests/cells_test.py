@@ -13,7 +13,7 @@ import keras_rnn_lora
 from keras_rnn_lora import LoRAGRUCell
 from keras_rnn_lora import LoRALSTMCell
 from keras_rnn_lora import LoRASimpleRNNCell
-from keras_rnn_lora import cells
+from keras_rnn_lora import cell_base
 
 CELLS = [LoRASimpleRNNCell, LoRAGRUCell, LoRALSTMCell]
 TARGETS = [("recurrent",), ("kernel",), ("kernel", "recurrent")]
@@ -56,7 +56,7 @@ def assert_all_close(actual, expected, atol=1e-5):
         np.testing.assert_allclose(a, e, atol=atol, rtol=0)
 
 
-# -- equivalence with the stock cell ---------------------------------------
+# -- equivalence with the stock cell ------------------------------------------
 
 
 @pytest.mark.parametrize("targets", TARGETS, ids="+".join)
@@ -81,7 +81,7 @@ def test_step_is_input_projection_then_recurrent_step(cls, kwargs):
     randomize_lora(cell)
     x = keras.ops.convert_to_tensor(sequences(1))
     whole = cell.input_projection(x)
-    assert tuple(whole.shape) == (BATCH, STEPS, cell._gates * UNITS)
+    assert tuple(whole.shape) == (BATCH, STEPS, cell.gates * UNITS)
     for t in range(STEPS):
         np.testing.assert_allclose(
             to_numpy(whole[:, t]),
@@ -119,13 +119,13 @@ def test_lora_alpha_defaults_to_rank():
 
 @pytest.mark.parametrize("cls,kwargs", CELL_CONFIGS, ids=CONFIG_IDS)
 def test_fresh_adapter_equals_stock_cell(cls, kwargs):
-    stock = cls._keras_cell(UNITS, bias_initializer="random_uniform", **kwargs)
+    stock = cls.stock_class(UNITS, bias_initializer="random_uniform", **kwargs)
     stock_rnn = built_rnn(stock, return_sequences=True)
     lora_cell = cls.from_cell(stock, rank=2)
     lora_rnn = keras.layers.RNN(lora_cell, return_sequences=True)
     x = sequences(3)
     np.testing.assert_array_equal(
-        to_numpy(lora_cell.lora_weights[1]), np.zeros((2, cls._gates * UNITS))
+        to_numpy(lora_cell.lora_weights[1]), np.zeros((2, cls.gates * UNITS))
     )
     assert_all_close(outputs(lora_rnn, x), outputs(stock_rnn, x), atol=1e-6)
 
@@ -147,7 +147,7 @@ def test_dropout_matches_stock_cell_in_training(cls, kwargs):
     assert_all_close(lora_out, stock_out)
 
 
-# -- inside the Keras RNN machinery ----------------------------------------
+# -- inside the Keras RNN machinery -------------------------------------------
 
 
 WRAPPINGS = {
@@ -250,7 +250,7 @@ def test_stateful_carries_state_between_calls():
     assert_all_close(outputs(layer, x[:, :2]), expected[:1])
 
 
-# -- training and freezing -------------------------------------------------
+# -- training and freezing ----------------------------------------------------
 
 
 def small_model(cell):
@@ -289,7 +289,7 @@ def test_fit_updates_only_factors_and_unfrozen(cls, targets):
 def test_weight_counts(cls):
     cell = make_cell(cls, rank=2, lora_targets=("kernel", "recurrent"))
     built_rnn(cell)
-    gates = cls._gates
+    gates = cls.gates
     names = [w.name for w in cell.trainable_weights]
     assert "kernel" not in names and "recurrent_kernel" not in names
     assert sorted(w.name for w in cell.non_trainable_weights) == [
@@ -379,7 +379,7 @@ def test_lora_dropout_only_in_training():
     model.fit(sequences(13), np.ones((BATCH, 2)), epochs=2, verbose=0)
 
 
-# -- serialization ---------------------------------------------------------
+# -- serialization ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
@@ -409,7 +409,7 @@ def test_get_config_round_trip(cls):
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
 def test_from_cell_carries_config_and_copies_weights(cls):
-    stock_cls = cls._keras_cell
+    stock_cls = cls.stock_class
     stock = stock_cls(UNITS, activation="relu", name="encoder_cell")
     stock_rnn = built_rnn(stock)
     lora_cell = cls.from_cell(stock, rank=2, lora_alpha=4.0)
@@ -431,7 +431,7 @@ def test_from_cell_carries_config_and_copies_weights(cls):
 def test_stock_cell_arguments_rebuild_the_stock_cell(cls):
     """Read from attributes (no serializer), they must say everything the
     cell's own config says, for every argument a stock cell takes."""
-    stock_cls = cls._keras_cell
+    stock_cls = cls.stock_class
     stock = stock_cls(
         UNITS,
         activation="relu",
@@ -446,7 +446,7 @@ def test_stock_cell_arguments_rebuild_the_stock_cell(cls):
         trainable=False,
         name="encoder_cell",
     )
-    arguments = cells.stock_cell_arguments(stock)
+    arguments = cell_base.stock_cell_arguments(stock)
     assert stock_cls(**arguments).get_config() == stock.get_config()
     lora_config = cls(rank=2, **arguments).get_config()
     assert {k: lora_config[k] for k in stock.get_config()} == (
@@ -458,7 +458,7 @@ def test_stock_cell_arguments_rebuild_the_stock_cell(cls):
             super().__init__(units, **kwargs)
 
     subclassed = Subclass(UNITS, extra=3, dropout=0.5)
-    arguments = cells.stock_cell_arguments(subclassed)
+    arguments = cell_base.stock_cell_arguments(subclassed)
     assert Subclass(**arguments).get_config() == subclassed.get_config()
 
 
@@ -469,7 +469,7 @@ def test_from_cell_rejects_wrong_cells():
         LoRAGRUCell.from_cell(LoRAGRUCell(4, rank=1), rank=1)
 
 
-# -- mixed precision -------------------------------------------------------
+# -- mixed precision ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
@@ -501,7 +501,7 @@ def test_factors_stay_float32_under_bfloat16_policy():
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
 
 
-# -- argument checks -------------------------------------------------------
+# -- argument checks ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -531,7 +531,7 @@ def test_single_target_string_is_accepted():
     assert cell.lora_targets == ("kernel",)
 
 
-# -- regularizers on frozen kernels -----------------------------------------
+# -- regularizers on frozen kernels -------------------------------------------
 
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)

@@ -1,14 +1,8 @@
 """Unit tests of the main job's report: aggregation over seeds, figures
 that were not measured, the reductions (examples/iwslt/report.py)."""
 
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-
-from iwslt import report  # noqa: E402
+from iwslt import report
 
 
 def seed_result(test_ppl, seconds=(10.0, 12.0), bleu=5.0):
@@ -46,7 +40,7 @@ PRETRAIN = {
 
 def test_seeds_give_mean_and_standard_deviation():
     seeds = [seed_result(100.0), seed_result(110.0)]
-    arm = report._aggregate("lora", seeds, PRETRAIN, {}, {"peak_rss_mb": 50})
+    arm = report.aggregate("lora", seeds, PRETRAIN, {}, {"peak_rss_mb": 50})
     assert arm["test_perplexity"] == {
         "mean": 105.0,
         "std": pytest.approx(7.0711, rel=1e-4),
@@ -55,16 +49,16 @@ def test_seeds_give_mean_and_standard_deviation():
     assert arm["train_seconds"]["mean"] == 22.0
     assert arm["forgetting_perplexity"]["mean"] == -8.0  # 82 after, 90 before
     assert arm["forgetting_bleu"]["mean"] == 0.5
-    assert report._fmt(arm["test_perplexity"]) == "105.00 ± 7.07"
-    assert report._fmt(report._mean_std([3.0])) == "3.00"
-    assert report._fmt(report._mean_std([-1.0, -3.0]), "+.2f") == "-2.00 ± 1.41"
+    assert report.fmt(arm["test_perplexity"]) == "105.00 ± 7.07"
+    assert report.fmt(report.mean_std([3.0])) == "3.00"
+    assert report.fmt(report.mean_std([-1.0, -3.0]), "+.2f") == "-2.00 ± 1.41"
 
 
 def test_a_lost_epoch_time_is_not_measured_never_zero():
     seeds = [seed_result(100.0, seconds=(10.0, None))]
-    arm = report._aggregate("full", seeds, PRETRAIN, {}, {})
+    arm = report.aggregate("full", seeds, PRETRAIN, {}, {})
     assert arm["train_seconds"] is None
-    assert report._fmt(arm["train_seconds"]) == "not measured"
+    assert report.fmt(arm["train_seconds"]) == "not measured"
 
 
 def test_reductions_come_from_the_interleaved_ratio():
@@ -75,10 +69,10 @@ def test_reductions_come_from_the_interleaved_ratio():
         }
     }
     arms = {
-        "full": report._aggregate(
+        "full": report.aggregate(
             "full", [seed_result(100.0)], PRETRAIN, timing, {"peak_rss_mb": 200}
         ),
-        "lora": report._aggregate(
+        "lora": report.aggregate(
             "lora", [seed_result(120.0)], PRETRAIN, timing, {"peak_rss_mb": 150}
         ),
     }

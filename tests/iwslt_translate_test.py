@@ -328,8 +328,6 @@ def test_a_backup_cut_off_mid_write_leaves_the_previous_one(tmp_path):
     # Keras' own BackupAndRestore writes in place: a kill mid-write left a
     # truncated checkpoint that the resumed run failed to load.
     import numpy as np
-
-    sys.path.insert(0, EXAMPLES)
     from iwslt.arms import atomic_backup
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -433,12 +431,11 @@ def test_a_job_ends_with_its_killed_parent(tmp_path):
 
 
 def test_two_runs_never_share_an_output_folder(tmp_path):
-    sys.path.insert(0, EXAMPLES)
-    from iwslt import jobs
+    from iwslt import processes
 
     out = tmp_path / "run"
     out.mkdir()
-    with jobs.run_lock(str(out)):
+    with processes.run_lock(str(out)):
         second = run(smoke_args(tmp_path, "lora"), timeout=300)
     assert second.returncode != 0
     assert "is in use by another run" in second.stderr
@@ -446,7 +443,6 @@ def test_two_runs_never_share_an_output_folder(tmp_path):
 
 
 def load_main():
-    sys.path.insert(0, EXAMPLES)
     spec = importlib.util.spec_from_file_location("iwslt_main", SCRIPT)
     main = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(main)
@@ -463,7 +459,7 @@ def test_run_key_follows_the_data_content(tmp_path):
     from iwslt.data import data_fingerprint
 
     folder = tiny_release(tmp_path)
-    _, args = settings.parse_args(["--smoke", "--data-dir", str(tmp_path)])
+    _, args = settings.parse(["--smoke", "--data-dir", str(tmp_path)])
     before = settings.run_key(args, data_fingerprint(args))
     path = folder / "IWSLT17.TED.tst2012.en-de.de.xml"
     stat = path.stat()
@@ -545,10 +541,9 @@ def test_held_out_pairs_never_wrap_around(setting, value, advice):
     from iwslt.data import DataRefused
     from iwslt.data import Split
 
-    parser, args = settings.parse_args(
+    _, args = settings.parse(
         ["--smoke", "--data-dir", os.path.abspath(iwslt_dir()), setting, value]
     )
-    settings.check_args(parser, args)
     with pytest.raises(DataRefused, match=re.escape(advice)):
         Split(args)
 

@@ -41,7 +41,7 @@ def pair(cls, **kwargs):
 
 
 def stock_merged(layer):
-    stock = layer._keras_layer(UNITS, return_sequences=True)
+    stock = layer.stock_class(UNITS, return_sequences=True)
     stock(x_batch())
     weights = [to_numpy(layer.cell.effective_kernel(t)) for t in ("kernel",)]
     weights.append(to_numpy(layer.cell.effective_kernel("recurrent")))
@@ -117,7 +117,7 @@ def test_emulated_fused_path_equals_the_cell_path(cls, kwargs, monkeypatch):
     calls = patch_fused_kernels(monkeypatch)
     layer, reference = pair(cls, lora_targets=("kernel", "recurrent"), **kwargs)
     assert_same_function(layer, reference)
-    assert calls[cls._keras_layer.__name__.lower()] > 0
+    assert calls[cls.stock_class.__name__.lower()] > 0
 
 
 @pytest.mark.parametrize("cls", FUSED_LAYERS, ids=FUSED_IDS)
@@ -168,7 +168,7 @@ def bidirectional_pair(cls, **kwargs):
         cls(UNITS, rank=2, return_sequences=True, **kwargs)
     )
     reference = keras.layers.Bidirectional(
-        keras.layers.RNN(cls._lora_cell(UNITS, rank=2), return_sequences=True)
+        keras.layers.RNN(cls.cell_class(UNITS, rank=2), return_sequences=True)
     )
     layer(x_batch())
     reference(x_batch())
@@ -186,7 +186,7 @@ def test_bidirectional_fused_path_sees_the_adapter(cls, monkeypatch):
     traced while merged must stay right after an unmerge)."""
     calls = patch_fused_kernels(monkeypatch)
     layer, reference = bidirectional_pair(cls)
-    name = cls._keras_layer.__name__.lower()
+    name = cls.stock_class.__name__.lower()
     calls.clear()
     assert_same_function(layer, reference)
     assert calls[f"bidirectional_{name}"] == 0 and calls[name] > 0

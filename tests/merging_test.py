@@ -206,7 +206,7 @@ def test_set_lora_factors_checks_before_assigning():
     np.testing.assert_array_equal(to_numpy(cell.lora_weights[0]), a * 2)
 
 
-# -- what a layer computes reaches every compiled function ---------------------
+# -- what a layer computes reaches every compiled function --------------------
 
 
 def _adapted(seed=0):
@@ -361,7 +361,7 @@ def test_unmerge_keeps_a_factor_the_user_froze():
     assert [w.trainable for w in cell.lora_weights] == [False, True]
 
 
-# -- a merged layer rebuilt from its config ------------------------------------
+# -- a merged layer rebuilt from its config -----------------------------------
 
 
 def _merged_clone():
@@ -418,7 +418,7 @@ def test_a_merged_clone_saves_and_loads_its_merged_function(tmp_path):
     )
 
 
-# -- half-precision kernels ----------------------------------------------------
+# -- half-precision kernels ---------------------------------------------------
 
 
 def test_merging_into_a_bfloat16_kernel_is_refused():

@@ -20,9 +20,9 @@ from iwslt.arms import write_json
 from iwslt.data import batches
 from iwslt.evaluate import bleu
 from iwslt.evaluate import perplexity
-from iwslt.jobs import _setup
 from iwslt.jobs import chosen_rate
 from iwslt.jobs import path
+from iwslt.jobs import setup
 from iwslt.settings import ABLATION_RANKS
 from iwslt.settings import ABLATION_TARGETS
 
@@ -60,7 +60,7 @@ def run_point(args, name):
     tried = {}
     for rate in (base_rate / 3, base_rate):
         directory = path(args, "ablation", name, f"{rate:.3g}")
-        split, preprocessor = _setup(args, args.seed + 1)
+        split, preprocessor = setup(args, args.seed + 1)
         model = build_arm(args, "lora", path(args, "pretrained.keras"), config)
         compile_arm(args, model, rate)
         record = read_json(os.path.join(directory, "fit.json"))

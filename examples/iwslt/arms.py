@@ -80,10 +80,10 @@ class EpochLog:
 
         class Callback(_callback_base()):
             def on_epoch_begin(self, epoch, logs=None):
-                log._start = time.perf_counter()
+                log.start = time.perf_counter()
 
             def on_epoch_end(self, epoch, logs=None):
-                log.seconds[epoch] = time.perf_counter() - log._start
+                log.seconds[epoch] = time.perf_counter() - log.start
                 log.val[epoch] = (logs or {}).get("val_perplexity")
                 log.save()
 
@@ -141,39 +141,13 @@ class BestEpoch:
 def save_weights(model, path):
     from keras_rnn_lora import files
 
-    with files.atomic_path(path) as temporary:
-        os.remove(temporary)  # Keras writes the file itself
-        model.save_weights(temporary)
+    files.save_weights(model, path)
 
 
 def atomic_backup(directory):
-    """Keras' `BackupAndRestore`, writing its checkpoint atomically.
-
-    Keras writes `latest.weights.h5` in place: a kill during the write
-    leaves a truncated file, and the resumed run fails loading it. Here the
-    weights, then the metadata saying which epoch they hold, are each
-    written beside their file and renamed into place, so a kill leaves the
-    previous checkpoint or the new one, never part of one. (A kill between
-    the two renames, microseconds apart, leaves the new weights with the
-    previous epoch number: that epoch runs once more.)
-    """
-    import json
-
-    import keras
-
-    from keras_rnn_lora import files
-
-    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-        def _save_model(self):
-            os.makedirs(self.backup_dir, exist_ok=True)
-            with files.atomic_path(self._weights_path) as temporary:
-                os.remove(temporary)  # Keras writes the file itself
-                self.model.save_weights(temporary)
-            metadata = {
-                "epoch": self._current_epoch,
-                "batch": self._last_batch_seen,
-            }
-            files.write_text(self._training_metadata_path, json.dumps(metadata))
+    """Keras' `BackupAndRestore`, writing its checkpoint atomically (see
+    `keras_rnn_lora.keras_internals.AtomicBackupAndRestore`)."""
+    from keras_rnn_lora.keras_internals import AtomicBackupAndRestore
 
     return AtomicBackupAndRestore(directory, delete_checkpoint=False)
 

@@ -17,9 +17,9 @@ from iwslt.arms import compile_arm
 from iwslt.arms import read_json
 from iwslt.arms import write_json
 from iwslt.data import batches
-from iwslt.jobs import _setup
 from iwslt.jobs import chosen_rate
 from iwslt.jobs import path
+from iwslt.jobs import setup
 
 PROBE_BATCHES = 12  # batches of the first chunk every cost is measured on
 
@@ -47,7 +47,7 @@ def memory_probe(args, arm):
     target = path(args, "costs", f"memory_{arm}.json")
     if os.path.exists(target):
         return
-    split, preprocessor = _setup(args, args.seed)
+    split, preprocessor = setup(args, args.seed)
     data = _probe_batches(args, preprocessor, split)
     model = compile_arm(
         args, build_arm(args, arm, path(args, "pretrained.keras")), 1e-3
@@ -78,7 +78,7 @@ def step_timing(args, arms, with_ablation=False):
         timed.get("seconds", {})
     ):
         return
-    split, preprocessor = _setup(args, args.seed)
+    split, preprocessor = setup(args, args.seed)
     data = _probe_batches(args, preprocessor, split)
     pretrained = path(args, "pretrained.keras")
     steps = {}

@@ -1,19 +1,14 @@
-"""The units of work of the main job, each run in a fresh process.
-
-`run_in_child` starts one with `multiprocessing` (spawn): its memory is
-its own (peak memory is measured per arm), and the parent, which only
-orchestrates and reports, never imports a backend. Every job writes its
-result as JSON under `--output-dir` and finds it there when the run is
-started again, so a killed run resumes where it stopped.
+"""The units of work of the main job, each run in a fresh process
+(`processes.run_in_child`): pre-training, the learning-rate choice, an
+arm's incremental phase, the export. Every job writes its result as JSON
+under `--output-dir` and finds it there when the run is started again, so a
+killed run resumes where it stopped.
 """
 
 import contextlib
-import multiprocessing
 import os
 import shutil
 import sys
-import threading
-import time
 
 from iwslt.arms import build_arm
 from iwslt.arms import compile_arm
@@ -33,71 +28,11 @@ from iwslt.settings import GRID_EXTENSIONS
 from iwslt.settings import GRID_FACTOR
 
 
-def run_in_child(job, *arguments):
-    """Runs `job(*arguments)` in a fresh spawned process."""
-    process = multiprocessing.get_context("spawn").Process(
-        target=_child, args=(job, arguments, os.getpid())
-    )
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise SystemExit(
-            f"The job {job.__name__}{tuple(map(str, arguments[1:]))} failed "
-            f"(exit code {process.exitcode}); its error is above. Start the "
-            "run again to resume from the last finished step."
-        )
-
-
-def _child(job, arguments, parent):
-    from iwslt.quiet import import_backend
-
-    _exit_with(parent)
-    import_backend()
-    job(*arguments)
-
-
-def _exit_with(parent):
-    """Ends this process when `parent` dies. A parent killed outright
-    (SIGKILL, or `kill` of the main process alone) cannot stop its child;
-    left running, the child would go on writing into the run folder that
-    the resumed run works in."""
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
-
-
-@contextlib.contextmanager
-def run_lock(output_dir):
-    """Holds `--output-dir` for this run: a second run on the same folder
-    (which would overwrite the first one's work) stops with a clear error.
-    The lock is the kernel's (`flock`), so a killed run never leaves it
-    held."""
-    import fcntl
-
-    file = open(os.path.join(output_dir, "run.lock"), "w")
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.close()
-        raise SystemExit(
-            f"--output-dir {output_dir} is in use by another run of this "
-            "job; wait for it to end or choose another folder"
-        ) from None
-    try:
-        yield
-    finally:
-        file.close()
-
-
 def path(args, *parts):
     return os.path.join(args.output_dir, *parts)
 
 
-def _setup(args, seed):
+def setup(args, seed):
     """Seeds everything, then loads the data and the tokenizers."""
     import keras
 
@@ -106,7 +41,7 @@ def _setup(args, seed):
     return split, make_preprocessor(args, split)
 
 
-# -- pre-training --------------------------------------------------------------
+# -- pre-training -------------------------------------------------------------
 
 
 def pretrain(args):
@@ -115,7 +50,7 @@ def pretrain(args):
     measures it like every arm."""
     from keras_rnn_lora.translation.model import build_translator
 
-    split, preprocessor = _setup(args, args.seed)
+    split, preprocessor = setup(args, args.seed)
     model = build_translator(
         preprocessor.source_vocabulary_size,
         preprocessor.target_vocabulary_size,
@@ -143,12 +78,10 @@ def pretrain(args):
 def _save_model(model, target):
     from keras_rnn_lora import files
 
-    with files.atomic_path(target) as temporary:
-        os.remove(temporary)  # Keras writes the file itself
-        model.save(temporary)
+    files.save_model(model, target)
 
 
-# -- choosing learning rates ---------------------------------------------------
+# -- choosing learning rates --------------------------------------------------
 
 
 def _trial_dir(args, method, rate):
@@ -212,7 +145,7 @@ def _chunk_fit(args, arm, seed_index, chunk, rate, start_weights=None):
         directory = _trial_dir(args, arm, rate)
     else:
         directory = path(args, "seeds", str(seed_index), arm, f"chunk_{chunk}")
-    split, preprocessor = _setup(args, args.seed + 1000 * seed_index + chunk)
+    split, preprocessor = setup(args, args.seed + 1000 * seed_index + chunk)
     model = build_arm(args, arm, path(args, "pretrained.keras"))
     if start_weights:
         model.load_weights(start_weights)
@@ -259,7 +192,7 @@ def _drop_weights(directory):
         os.remove(os.path.join(directory, "best.weights.h5"))
 
 
-# -- the incremental phase -----------------------------------------------------
+# -- the incremental phase ----------------------------------------------------
 
 # In a fit's result, not its record.
 _LIVE = ("model", "split", "preprocessor", "directory")
@@ -301,7 +234,7 @@ def run_arm(args, arm, seed_index):
         chunks.append(record)
         start = after
     if fit is None:  # every chunk was done before a restart: reload
-        split, preprocessor = _setup(args, args.seed + 1000 * seed_index)
+        split, preprocessor = setup(args, args.seed + 1000 * seed_index)
         model = build_arm(args, arm, path(args, "pretrained.keras"))
         model.load_weights(start)  # before compiling: no optimizer state
         compile_arm(args, model, rate)
@@ -322,7 +255,7 @@ def run_arm(args, arm, seed_index):
     trainable = (
         keras_rnn_lora.lora_summary(model, print_fn=None)["lora"]
         if lora_arm
-        else _size(model.trainable_weights)
+        else keras_rnn_lora.count_parameters(model.trainable_weights)
     )
     write_json(
         result_path,
@@ -331,17 +264,11 @@ def run_arm(args, arm, seed_index):
             "seed": seed_index,
             "learning_rate": rate,
             "trainable_params": trainable,
-            "total_params": _size(model.weights),
+            "total_params": keras_rnn_lora.count_parameters(model.weights),
             "chunks": chunks,
             **scores,
         },
     )
-
-
-def _size(weights):
-    import numpy as np
-
-    return sum(int(np.prod(w.shape)) for w in weights)
 
 
 def _frozen(args, directory, result_path):

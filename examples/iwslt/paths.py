@@ -42,7 +42,8 @@ def data_dir_name(data_dir):
 
 def recorded_settings(args):
     """`args` as results.json records them: every path relative."""
-    settings = {k: v for k, v in vars(args).items() if k != "grids"}
+    settings = args.recorded()
+    del settings["grids"]
     settings["output_dir"] = os.curdir
     settings["export_dir"] = from_output(args, args.export_dir)
     settings["data_dir"] = data_dir_name(args.data_dir)

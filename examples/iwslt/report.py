@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 
+from iwslt import plots
 from iwslt.arms import read_json
 from iwslt.paths import recorded_settings
 from iwslt.settings import ARMS
@@ -15,7 +16,7 @@ from iwslt.settings import PAPER
 from iwslt.settings import SENTENCES
 
 
-def _mean_std(values):
+def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
         return None
@@ -23,7 +24,7 @@ def _mean_std(values):
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
-def _fmt(stat, spec=".2f"):
+def fmt(stat, spec=".2f"):
     if stat is None:
         return "not measured"
     if stat["n"] == 1:
@@ -44,13 +45,13 @@ def collect(args, split_sizes):
         for method in args.grids
     }
     arms = {}
-    for arm in args.arm_list:
+    for arm in args.arms:
         seeds = [
             read_json(os.path.join(out, "seeds", str(s), arm, "result.json"))
             for s in range(args.seeds)
         ]
         memory = read_json(os.path.join(out, "costs", f"memory_{arm}.json"), {})
-        arms[arm] = _aggregate(arm, seeds, pretrain, timing, memory)
+        arms[arm] = aggregate(arm, seeds, pretrain, timing, memory)
     ablation = {}
     for name in (
         sorted(os.listdir(os.path.join(out, "ablation")))
@@ -86,7 +87,7 @@ def _backend():
     return os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
-def _aggregate(arm, seeds, pretrain, timing, memory):
+def aggregate(arm, seeds, pretrain, timing, memory):
     base_row = pretrain["forgetting_row"]
     last_rows = [s["chunks"][-1]["forgetting_row"] for s in seeds]
     train = [
@@ -113,22 +114,22 @@ def _aggregate(arm, seeds, pretrain, timing, memory):
         "learning_rate": seeds[0]["learning_rate"],
         "trainable_params": seeds[0]["trainable_params"],
         "step_time_ratio": timing.get("ratio_to_full", {}).get(arm),
-        "step_seconds": _mean_std(timing.get("seconds", {}).get(arm, [])),
-        "train_seconds": None if arm == "frozen" else _mean_std(train),
+        "step_seconds": mean_std(timing.get("seconds", {}).get(arm, [])),
+        "train_seconds": None if arm == "frozen" else mean_std(train),
         "resumed": any(c.get("resumed") for s in seeds for c in s["chunks"]),
         "peak_rss_mb": memory.get("peak_rss_mb"),
         "device_peak_mb": memory.get("device_peak_mb"),
-        "val_perplexity": _mean_std([r["validation"] for r in last_rows]),
-        "test_perplexity": _mean_std([s["test_perplexity"] for s in seeds]),
-        "test_bleu": _mean_std([s["test_bleu"] for s in seeds]),
-        "test_chrf": _mean_std([s["test_chrf"] for s in seeds]),
-        "heldout_initial_perplexity": _mean_std(
+        "val_perplexity": mean_std([r["validation"] for r in last_rows]),
+        "test_perplexity": mean_std([s["test_perplexity"] for s in seeds]),
+        "test_bleu": mean_std([s["test_bleu"] for s in seeds]),
+        "test_chrf": mean_std([s["test_chrf"] for s in seeds]),
+        "heldout_initial_perplexity": mean_std(
             [r["initial"] for r in last_rows]
         ),
-        "forgetting_perplexity": _mean_std(
+        "forgetting_perplexity": mean_std(
             [r["initial"] - base_row["initial"] for r in last_rows]
         ),
-        "forgetting_bleu": _mean_std(
+        "forgetting_bleu": mean_std(
             [
                 s["heldout_initial_bleu"] - pretrain["heldout_initial_bleu"]
                 for s in seeds
@@ -220,15 +221,15 @@ def markdown(results):
             "-" if r["learning_rate"] is None else f"{r['learning_rate']:.3g}"
         )
         memory = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
-        train = "-" if arm == "frozen" else _fmt(r["train_seconds"], ".0f")
+        train = "-" if arm == "frozen" else fmt(r["train_seconds"], ".0f")
         lines.append(
             f"| {arm}{' (resumed)' if r['resumed'] else ''} | {rate} | "
             f"{r['trainable_params']:,} | {_ratio(r['step_time_ratio'])} | "
-            f"{train} | {memory} | {_fmt(r['val_perplexity'])} | "
-            f"{_fmt(r['test_perplexity'])} | {_fmt(r['test_bleu'])} | "
-            f"{_fmt(r['test_chrf'])} | {_fmt(r['heldout_initial_perplexity'])} "
-            f"| {_fmt(r['forgetting_perplexity'], '+.2f')} / "
-            f"{_fmt(r['forgetting_bleu'], '+.2f')} |"
+            f"{train} | {memory} | {fmt(r['val_perplexity'])} | "
+            f"{fmt(r['test_perplexity'])} | {fmt(r['test_bleu'])} | "
+            f"{fmt(r['test_chrf'])} | {fmt(r['heldout_initial_perplexity'])} "
+            f"| {fmt(r['forgetting_perplexity'], '+.2f')} / "
+            f"{fmt(r['forgetting_bleu'], '+.2f')} |"
         )
     lines += _paper_table(results)
     lines += _forgetting_tables(results)
@@ -385,121 +386,5 @@ def write(results, output_dir):
     )
     report = markdown(results)
     files.write_text(os.path.join(output_dir, "results.md"), report)
-    _plots(results, output_dir)
+    plots.write(results, output_dir)
     return report
-
-
-def _plots(results, output_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # Validation perplexity through the chunks, and the rate choice.
-    figure, (curves, rates) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for arm, r in results["arms"].items():
-        if arm == "frozen":
-            continue
-        values = [v for chunk in r["val_curves"] for v in chunk]
-        curves.plot(range(1, len(values) + 1), values, marker="o", label=arm)
-    curves.axhline(
-        results["pretrained"]["forgetting_row"]["validation"],
-        linestyle="--",
-        color="gray",
-        label="pre-trained",
-    )
-    curves.set(
-        xlabel="epoch (chunks one after another)",
-        ylabel="validation perplexity",
-        title="Learning the new data (seed 0)",
-    )
-    curves.legend()
-    for method, choice in results["learning_rates"].items():
-        if choice:
-            points = sorted(
-                (float(k), v)
-                for k, v in choice["validation_perplexity"].items()
-            )
-            rates.plot(*zip(*points, strict=True), marker="o", label=method)
-    rates.set(
-        xscale="log",
-        xlabel="learning rate",
-        ylabel="best validation perplexity",
-        title="Learning-rate choice (first chunk, seed 0)",
-    )
-    rates.legend()
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "curves.png"), dpi=120)
-    plt.close(figure)
-    _forgetting_plot(results, output_dir, plt)
-    if results["ablation"]:
-        _ablation_plot(results, output_dir, plt)
-
-
-def _forgetting_plot(results, output_dir, plt):
-    parts = list(results["pretrained"]["forgetting_row"])
-    figure, axes = plt.subplots(
-        1, len(parts), figsize=(3.2 * len(parts), 3.4), sharey=False
-    )
-    for axis, part in zip(axes, parts, strict=True):
-        for arm, r in results["arms"].items():
-            values = [results["pretrained"]["forgetting_row"][part]]
-            values += [row[part] for row in r["forgetting_matrix"]]
-            axis.plot(range(len(values)), values, marker="o", label=arm)
-        axis.set(
-            title=f"held-out {part}" if part != "validation" else "validation",
-            xlabel="after chunk (0: pre-trained)",
-            xticks=range(len(values)),
-        )
-    axes[0].set_ylabel("perplexity")
-    axes[-1].legend(fontsize=8)
-    figure.suptitle(
-        "Forgetting: perplexity on each part of the data, chunk by chunk"
-    )
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "forgetting.png"), dpi=120)
-    plt.close(figure)
-
-
-def _ablation_plot(results, output_dir, plt):
-    points = results["ablation"]
-    full = results["arms"].get("full")
-    figure, (params, time) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, p in points.items():
-        params.scatter(p["trainable_params"], p["test_perplexity"])
-        params.annotate(
-            name, (p["trainable_params"], p["test_perplexity"]), fontsize=8
-        )
-        ratio = p.get("step_time_ratio")
-        if ratio:
-            time.scatter(ratio["median"], p["test_bleu"])
-            time.annotate(name, (ratio["median"], p["test_bleu"]), fontsize=8)
-    if full:
-        params.axhline(
-            full["test_perplexity"]["mean"],
-            linestyle="--",
-            color="gray",
-            label="full fine-tuning",
-        )
-        time.axhline(
-            full["test_bleu"]["mean"],
-            linestyle="--",
-            color="gray",
-            label="full fine-tuning",
-        )
-        time.axvline(1.0, linestyle=":", color="gray")
-    params.set(
-        xscale="log",
-        xlabel="trainable parameters",
-        ylabel="test perplexity",
-        title="What closes the gap",
-    )
-    time.set(
-        xlabel="training-step time (× full)",
-        ylabel="test BLEU",
-        title="At what cost",
-    )
-    params.legend()
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "ablation.png"), dpi=120)
-    plt.close(figure)

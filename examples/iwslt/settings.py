@@ -7,6 +7,7 @@ given on the command line always wins over both.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -150,7 +151,53 @@ SENTENCES = (
 )
 
 
-def parse_args(argv=None):
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of one run, built once from the command line by
+    `parse` (presets and `--smoke` applied, every value checked). The jobs
+    receive it whole; nothing is added to it after parsing."""
+
+    data_dir: str | None
+    output_dir: str
+    export_dir: str
+    pretrain_fraction: float
+    arms: tuple
+    preset: str
+    smoke: bool
+    ablation: bool
+    seed: int
+    max_pairs: int | None
+    eval_pairs: int | None
+    heldout_pairs: int
+    chunk_heldout_pairs: int
+    vocab_size: int
+    max_length: int
+    batch_size: int
+    label_smoothing: float
+    patience: int
+    increments: int
+    seeds: int
+    timing_rounds: int
+    embedding_dim: int
+    units: int
+    dropout: float
+    rank: int
+    pretrain_epochs: int
+    pretrain_learning_rate: float
+    update_epochs: int
+    grids: dict  # method -> the learning rates tried first
+
+    def recorded(self):
+        """The settings as plain JSON values."""
+        values = dataclasses.asdict(self)
+        values["arms"] = list(self.arms)
+        values["grids"] = {k: list(v) for k, v in self.grids.items()}
+        return values
+
+
+def parse(argv=None):
+    """`(parser, Settings)` from the command line `argv`; a bad argument
+    ends the program with one clear line (argparse's `error`)."""
     parser = argparse.ArgumentParser(
         description="LoRA against full fine-tuning on IWSLT 2017 en-de, "
         "with data that arrives in increments.",
@@ -176,31 +223,38 @@ def parse_args(argv=None):
             default=None,
             help=f"default {default} (the preset's, or --smoke's)",
         )
-    args = parser.parse_args(argv)
-    settings = {**DEFAULTS, **PRESETS[args.preset]}
-    if args.smoke:
-        settings.update(SMOKE)
-    for key, value in settings.items():
-        if getattr(args, key) is None:  # given on the command line: wins
-            setattr(args, key, value)
-    args.grids = SMOKE_GRIDS if args.smoke else LEARNING_RATE_GRIDS
-    return parser, args
+    given = vars(parser.parse_args(argv))
+    values = {**DEFAULTS, **PRESETS[given["preset"]]}
+    if given["smoke"]:
+        values.update(SMOKE)
+    for key, value in given.items():
+        if value is not None or key not in values:  # the command line wins
+            values[key] = value
+    values["arms"] = _arms(parser, given["arms"])
+    values["grids"] = SMOKE_GRIDS if given["smoke"] else LEARNING_RATE_GRIDS
+    settings = Settings(**values)
+    _check(parser, settings)
+    return parser, settings
 
 
-def check_args(parser, args):
+def _arms(parser, text):
+    arms = tuple(a for a in text.split(",") if a)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        parser.error(
+            f"--arms: unknown arm {unknown or list(arms)}; choose from "
+            f"{list(ARMS)}"
+        )
+    return arms
+
+
+def _check(parser, args):
     """Every argument checked before any work: one clear line each."""
     if not 0.0 < args.pretrain_fraction < 1.0:
         parser.error(
             "--pretrain-fraction must lie strictly between 0 and 1, got "
             f"{args.pretrain_fraction}"
         )
-    arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        parser.error(
-            f"--arms: unknown arm {unknown or arms}; choose from {list(ARMS)}"
-        )
-    args.arm_list = arms
     # No --data-dir and no IWSLT2017_DIR: the TFDS builder downloads.
     if args.data_dir and not os.path.exists(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist")
@@ -256,12 +310,12 @@ def run_key(args, data_fingerprint):
         "output_dir",
         "export_dir",
         "arms",
-        "arm_list",
         "seeds",
         "ablation",
         "timing_rounds",
     }
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    recorded = args.recorded()
+    settings = {k: v for k, v in sorted(recorded.items()) if k not in skip}
     settings["data"] = data_fingerprint
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -14,20 +14,12 @@ sentence, then its `decode_step` token by token.
 import keras
 from keras import ops
 
+from keras_rnn_lora.checks import check_positive_int
 from keras_rnn_lora.translation.tokens import END_ID
 from keras_rnn_lora.translation.tokens import PAD_ID
 from keras_rnn_lora.translation.tokens import START_ID
 
 _NEG_INF = -1e9
-
-
-def check_positive_int(name, value):
-    """Raises `ValueError` naming `name` unless `value` is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a positive "
-            f"integer. Received: {name}={value!r}"
-        )
 
 
 def _log_softmax(logits):

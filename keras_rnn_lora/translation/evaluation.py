@@ -9,7 +9,7 @@ import warnings
 
 from keras import ops
 
-from keras_rnn_lora.translation.decoding import check_positive_int
+from keras_rnn_lora.checks import check_positive_int
 from keras_rnn_lora.translation.decoding import decode
 
 

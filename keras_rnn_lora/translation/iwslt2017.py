@@ -276,7 +276,7 @@ def read_split(release_dir, split):
     return pairs, dropped
 
 
-# -- locating the release ------------------------------------------------------
+# -- locating the release -----------------------------------------------------
 
 
 def _archive_in(directory):
@@ -287,7 +287,7 @@ def _archive_in(directory):
     return None
 
 
-def _extract(archive, cache_dir):
+def extract_archive(archive, cache_dir):
     """Unpacks `archive` once under `cache_dir`, keyed by its fingerprint.
 
     Each call unpacks into a staging folder of its own and renames it into
@@ -365,7 +365,7 @@ def find_release(source, cache_dir=None):
     source = os.path.abspath(os.path.expanduser(os.fspath(source)))
     cache_dir = cache_dir or default_cache_dir()
     if os.path.isfile(source):
-        return _complete(_extract(source, cache_dir))
+        return _complete(extract_archive(source, cache_dir))
     if not os.path.isdir(source):
         raise IWSLTDataError(
             f"No IWSLT 2017 data at {source}: expected a folder holding "
@@ -377,7 +377,7 @@ def find_release(source, cache_dir=None):
         return _complete(os.path.join(source, "en-de"))
     archive = _archive_in(source)
     if archive:
-        return _complete(_extract(archive, cache_dir))
+        return _complete(extract_archive(archive, cache_dir))
     raise IWSLTDataError(
         f"{source} holds neither `en-de/` nor `en-de.tgz`/`en-de.zip`."
         + MANUAL_DOWNLOAD_INSTRUCTIONS

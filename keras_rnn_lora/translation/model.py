@@ -24,6 +24,7 @@ turns them into `LoRAGRU`/`LoRALSTM`, which keep that path.
 import keras
 from keras import ops
 
+from keras_rnn_lora.checks import check_positive_int
 from keras_rnn_lora.translation.tokens import PAD_ID
 
 _LAYERS = {
@@ -115,14 +116,6 @@ class Translator(keras.Model):
         return cls(encoder, decoder, **config)
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a positive "
-            f"integer. Received: {name}={value!r}"
-        )
-
-
 def build_translator(
     src_vocab_size,
     tgt_vocab_size,
@@ -158,9 +151,9 @@ def build_translator(
         logits of shape `(batch, target_length, tgt_vocab_size)`.
     """
     for arg in ("src_vocab_size", "tgt_vocab_size", "embedding_dim"):
-        _positive_int(arg, locals()[arg])
-    _positive_int("units", units)
-    _positive_int("num_layers", num_layers)
+        check_positive_int(arg, locals()[arg])
+    check_positive_int("units", units)
+    check_positive_int("num_layers", num_layers)
     if (
         isinstance(dropout, bool)
         or not isinstance(dropout, (int, float))

@@ -159,7 +159,7 @@ class TranslationPreprocessor(tf.Module):
         self.revive_tokenizers()
         return self._target
 
-    # -- on disk -----------------------------------------------------------
+    # -- on disk --------------------------------------------------------------
 
     @staticmethod
     def model_path(directory, language, vocab_size):
@@ -258,7 +258,7 @@ class TranslationPreprocessor(tf.Module):
             proto=self.target_proto
         )
 
-    # -- text <-> ids, as TensorFlow ops -------------------------------------
+    # -- text <-> ids, as TensorFlow ops --------------------------------------
 
     def tokenize_source(self, texts):
         """Source ids of a batch of strings: ragged int32, at most
@@ -284,7 +284,7 @@ class TranslationPreprocessor(tf.Module):
         keep = tf.logical_and(tf.equal(ended, 0), tf.not_equal(ids, PAD_ID))
         return self.target.detokenize(tf.ragged.boolean_mask(ids, keep))
 
-    # -- for Python callers ----------------------------------------------
+    # -- for Python callers ---------------------------------------------------
 
     def source_batch(self, sentences):
         """Padded source ids (NumPy int32) of a list of strings. The width is

@@ -321,7 +321,7 @@ def test_serving_client_rest_request(translator, tmp_path):
         assert f"{sentence}\n  -> {translation}" in result.stdout
 
 
-# -- versions under concurrency, interrupted overwrites, stale folders -------
+# -- versions under concurrency, interrupted overwrites, stale folders --------
 
 
 def dead_pid():

@@ -67,7 +67,7 @@ def pack(folder, archive, arcname="en-de"):
     return archive
 
 
-# -- the real copy -------------------------------------------------------------
+# -- the real copy ------------------------------------------------------------
 
 
 def test_real_split_sizes_and_spot_checks():
@@ -127,7 +127,7 @@ def test_load_iwslt2017_keeps_file_order_and_max_pairs():
     assert got == iwslt2017.read_pairs("train", data_dir, max_pairs=3)
 
 
-# -- small releases the tests write ------------------------------------------
+# -- small releases the tests write -------------------------------------------
 
 
 def test_tiny_release_reads_and_normalizes(tmp_path):
@@ -210,7 +210,7 @@ def test_error_empty_and_missing_files(tmp_path):
         iwslt2017_tfds.load_iwslt2017("train", str(tmp_path), max_pairs=0)
 
 
-# -- errors name the file and the line ---------------------------------------
+# -- errors name the file and the line ----------------------------------------
 
 
 def test_invalid_utf8_in_train_names_file_and_line(tmp_path):
@@ -303,12 +303,12 @@ def test_concurrent_unpackers_of_one_archive_agree(tmp_path, monkeypatch):
         real_extractall(self, *args, **kwargs)
         if not others:
             others.append(None)  # the other one runs once
-            others[0] = iwslt2017._extract(str(archive), cache)
+            others[0] = iwslt2017.extract_archive(str(archive), cache)
 
     monkeypatch.setattr(
         tarfile.TarFile, "extractall", extract_while_another_finishes
     )
-    folder = iwslt2017._extract(str(archive), cache)
+    folder = iwslt2017.extract_archive(str(archive), cache)
     assert others == [folder]
     pairs, _ = iwslt2017.read_split(folder, "train")
     assert pairs[0] == ("Hello world.", "Hallo Welt.")

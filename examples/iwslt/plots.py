@@ -1,0 +1,122 @@
+"""The main job's plots: validation curves and the learning-rate choice
+(curves.png), the forgetting matrix (forgetting.png) and, with `--ablation`,
+the ablation (ablation.png)."""
+
+import os
+
+
+def write(results, output_dir):
+    """curves.png, forgetting.png and, with the ablation, ablation.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Validation perplexity through the chunks, and the rate choice.
+    figure, (curves, rates) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for arm, r in results["arms"].items():
+        if arm == "frozen":
+            continue
+        values = [v for chunk in r["val_curves"] for v in chunk]
+        curves.plot(range(1, len(values) + 1), values, marker="o", label=arm)
+    curves.axhline(
+        results["pretrained"]["forgetting_row"]["validation"],
+        linestyle="--",
+        color="gray",
+        label="pre-trained",
+    )
+    curves.set(
+        xlabel="epoch (chunks one after another)",
+        ylabel="validation perplexity",
+        title="Learning the new data (seed 0)",
+    )
+    curves.legend()
+    for method, choice in results["learning_rates"].items():
+        if choice:
+            points = sorted(
+                (float(k), v)
+                for k, v in choice["validation_perplexity"].items()
+            )
+            rates.plot(*zip(*points, strict=True), marker="o", label=method)
+    rates.set(
+        xscale="log",
+        xlabel="learning rate",
+        ylabel="best validation perplexity",
+        title="Learning-rate choice (first chunk, seed 0)",
+    )
+    rates.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "curves.png"), dpi=120)
+    plt.close(figure)
+    _forgetting_plot(results, output_dir, plt)
+    if results["ablation"]:
+        _ablation_plot(results, output_dir, plt)
+
+
+def _forgetting_plot(results, output_dir, plt):
+    parts = list(results["pretrained"]["forgetting_row"])
+    figure, axes = plt.subplots(
+        1, len(parts), figsize=(3.2 * len(parts), 3.4), sharey=False
+    )
+    for axis, part in zip(axes, parts, strict=True):
+        for arm, r in results["arms"].items():
+            values = [results["pretrained"]["forgetting_row"][part]]
+            values += [row[part] for row in r["forgetting_matrix"]]
+            axis.plot(range(len(values)), values, marker="o", label=arm)
+        axis.set(
+            title=f"held-out {part}" if part != "validation" else "validation",
+            xlabel="after chunk (0: pre-trained)",
+            xticks=range(len(values)),
+        )
+    axes[0].set_ylabel("perplexity")
+    axes[-1].legend(fontsize=8)
+    figure.suptitle(
+        "Forgetting: perplexity on each part of the data, chunk by chunk"
+    )
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "forgetting.png"), dpi=120)
+    plt.close(figure)
+
+
+def _ablation_plot(results, output_dir, plt):
+    points = results["ablation"]
+    full = results["arms"].get("full")
+    figure, (params, time) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, p in points.items():
+        params.scatter(p["trainable_params"], p["test_perplexity"])
+        params.annotate(
+            name, (p["trainable_params"], p["test_perplexity"]), fontsize=8
+        )
+        ratio = p.get("step_time_ratio")
+        if ratio:
+            time.scatter(ratio["median"], p["test_bleu"])
+            time.annotate(name, (ratio["median"], p["test_bleu"]), fontsize=8)
+    if full:
+        params.axhline(
+            full["test_perplexity"]["mean"],
+            linestyle="--",
+            color="gray",
+            label="full fine-tuning",
+        )
+        time.axhline(
+            full["test_bleu"]["mean"],
+            linestyle="--",
+            color="gray",
+            label="full fine-tuning",
+        )
+        time.axvline(1.0, linestyle=":", color="gray")
+    params.set(
+        xscale="log",
+        xlabel="trainable parameters",
+        ylabel="test perplexity",
+        title="What closes the gap",
+    )
+    time.set(
+        xlabel="training-step time (× full)",
+        ylabel="test BLEU",
+        title="At what cost",
+    )
+    params.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "ablation.png"), dpi=120)
+    plt.close(figure)

@@ -276,6 +276,10 @@ class AdapterFile:
 
 
 def check_header(layer_path, adapter, header, path, strict):
+    """Checks an adapter's `header` against the model's `adapter`: class,
+    rank, targets, scaling rule, alpha, factor names, shapes and dtypes;
+    with `strict`, the base fingerprint too. Returns whether the base
+    fingerprints match."""
     expected = adapter_attributes(adapter)
     attributes = header.attributes
     for key in ("class_name", "rank", "lora_targets", "use_rslora"):
@@ -312,16 +316,15 @@ def check_header(layer_path, adapter, header, path, strict):
                 f"Layer '{layer_path}': factor '{name}' in {path!r} has dtype "
                 f"{dtype}; expected floating point."
             )
-    if (
-        strict
-        and attributes["base_fingerprint"] != expected["base_fingerprint"]
-    ):
+    same_base = attributes["base_fingerprint"] == expected["base_fingerprint"]
+    if strict and not same_base:
         raise ValueError(
             f"Layer '{layer_path}': the model's frozen base weights differ "
             f"from those the adapter in {path!r} was trained on "
             "(fingerprint mismatch). Load the adapter into the base model it "
             "was trained from, or pass strict=False to load it anyway."
         )
+    return same_base
 
 
 def _plain(value):

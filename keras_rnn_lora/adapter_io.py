@@ -59,6 +59,7 @@ def save_lora_weights(model, path):
     contents = {}
     for layer_path, adapter in sorted(adapters.items()):
         try:
+            adapter.require_known_adapter("save_lora_weights")
             contents[layer_path] = (
                 adapter_file.adapter_attributes(adapter),
                 adapter.factor_values(),
@@ -145,10 +146,13 @@ def _plans(model, adapters, opened, headers, strict):
             f"'{model.name}': it holds {sorted(headers)}, the model has "
             f"{sorted(adapters)}. Nothing was loaded."
         )
-    plans = []
+    plans, other_base = [], []
     for layer_path in matched:
         adapter, header = adapters[layer_path], headers[layer_path]
-        adapter_file.check_header(layer_path, adapter, header, path, strict)
+        if not adapter_file.check_header(
+            layer_path, adapter, header, path, strict
+        ):
+            other_base.append(layer_path)
         factors = opened.factors(header)
         try:
             plans.append((adapter, adapter.check_lora_factors(factors)))
@@ -162,6 +166,13 @@ def _plans(model, adapters, opened, headers, strict):
             f"load_lora_weights(strict=False) loaded {len(matched)} adapter(s) "
             f"from {path!r} and skipped {len(skipped)}: in the file only "
             f"{only_in_file}, in the model only {only_in_model}.",
+            stacklevel=3,
+        )
+    if other_base:
+        warnings.warn(
+            f"load_lora_weights(strict=False) loaded the adapters of "
+            f"{other_base} from {path!r} into frozen base weights that "
+            "differ from those they were trained on (fingerprint mismatch).",
             stacklevel=3,
         )
     return plans

@@ -282,7 +282,8 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         of its weights. Until `B` moves its outputs equal `cell`'s.
 
         Args:
-            cell: a stock `keras.layers.{cls.stock_class.__name__}`.
+            cell: a built or unbuilt stock Keras cell of this class's
+                `stock_class` (`keras.layers.GRUCell` for `LoRAGRUCell`).
             rank: the LoRA rank.
             **lora_kwargs: any other LoRA argument of the cell.
         """

@@ -36,7 +36,7 @@ class LoRASimpleRNNCell(LoRACellBase, keras.layers.SimpleRNNCell):
             `recurrent_dropout`, `seed`, ...), unchanged.
 
     Call arguments:
-        sequence: A 2D tensor, with shape `(batch, features)`.
+        inputs: A 2D tensor, with shape `(batch, features)`.
         states: A 2D tensor with shape `(batch, units)`, the previous state.
         training: Python boolean, whether dropout (and LoRA dropout) apply.
 

@@ -83,6 +83,12 @@ class MergeableLoRA(LoRATrainability):
                 "batch, or with `.build(input_shape)`."
             )
 
+    def require_known_adapter(self, method):
+        """Raises `ValueError` naming `method` when this layer is merged and
+        the adapter it merged is not known here (see `init_lora`)."""
+        if self._lora_merged:
+            self._require_premerge(method)
+
     def _require_premerge(self, method):
         if self._premerge_kernels is None:
             raise ValueError(
@@ -152,7 +158,8 @@ class MergeableLoRA(LoRATrainability):
 
         The adapter is kept (its factors frozen while merged) with the
         pre-merge kernels, so `unmerge_lora()` restores them exactly. A
-        merge whose result would hold NaN or Inf is refused with a
+        merge whose result would hold NaN or Inf, or that a bfloat16 or
+        float16 kernel would round more than 1% of away, is refused with a
         `ValueError` and the layer is left exactly as it was.
 
         With `reset=True` the merge is made permanent instead: the merged

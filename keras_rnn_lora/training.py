@@ -41,7 +41,11 @@ def recompile(model):
     train the wrong weights.
     """
     if getattr(model, "compiled", False):
+        optimizer = getattr(model, "optimizer", None)
+        built = optimizer is not None and optimizer.built
         _compile_from(model, model, model.get_compile_config())
+        if built and model.compiled:  # as before: saved models load clean
+            model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -277,9 +281,11 @@ def merge_lora(model, reset=False):
     """Merges every adapter of `model` (see `LoRAGRUCell.merge_lora`).
 
     All merges are checked before any is made: if one would write NaN or
-    Inf into a kernel, a `ValueError` names its layer and the model is left
-    exactly as it was. Every function compiled before (Keras' `predict`,
-    `evaluate`, a `tf.function`) computes the merged model correctly; a
+    Inf into a kernel, or round the update away in a bfloat16 or float16
+    kernel (use `to_base_model(model, dtype="float32")` there), a
+    `ValueError` names its layer and the model is left exactly as it was.
+    Every function compiled before (Keras' `predict`, `evaluate`, a
+    `tf.function`) computes the merged model correctly; a
     compiled model is recompiled, since its factors stop (or, with
     `reset=True`, start again to) train.
 
@@ -308,8 +314,7 @@ def unmerge_lora(model):
     compiled model is recompiled: its factors train again)."""
     adapters = require_adapters(model, "unmerge_lora")
     for path, adapter in adapters.items():
-        if adapter.lora_merged:
-            _at(path, adapter.base_kernel, adapter.lora_targets[0])
+        _at(path, adapter.require_known_adapter, "unmerge_lora")
     for adapter in adapters.values():
         adapter.unmerge_lora()
     return recompile(model)

@@ -41,6 +41,7 @@ _LAZY = {
     "beam_search": "decoding",
     "compiled_decoder": "decoding",
     "translate": "evaluation",
+    "EmptyTranslationWarning": "evaluation",
     "corpus_scores": "evaluation",
     "export_translator": "export",
 }

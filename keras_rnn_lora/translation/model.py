@@ -132,7 +132,8 @@ def build_translator(
     """An RNN encoder-decoder with attention, as a `Translator`.
 
     Args:
-        src_vocab_size, tgt_vocab_size: vocabulary sizes (id 0 is padding).
+        src_vocab_size: the source vocabulary size (id 0 is padding).
+        tgt_vocab_size: the target vocabulary size (id 0 is padding).
         embedding_dim: size of both embeddings. Default 256.
         units: RNN width. Default 256 (a 2-core CPU trains it in minutes).
         cell: `"simple_rnn"`, `"gru"` (default) or `"lstm"`.

@@ -77,7 +77,8 @@ class TranslationPreprocessor(tf.Module):
     """Both tokenizers of a translator, its special ids and `max_length`.
 
     Args:
-        source_proto, target_proto: serialized SentencePiece models (bytes).
+        source_proto: the source SentencePiece model, serialized (bytes).
+        target_proto: the target SentencePiece model, serialized (bytes).
         max_length: tokens kept per side (longer text is truncated) and the
             most tokens a translation may have.
         vocab_size: the vocabulary size the models were trained for (names
@@ -234,10 +235,12 @@ class TranslationPreprocessor(tf.Module):
 
     @property
     def source_vocabulary_size(self):
+        """The source vocabulary's size (ids 0 to size - 1)."""
         return int(self.source.vocab_size())
 
     @property
     def target_vocabulary_size(self):
+        """The target vocabulary's size (ids 0 to size - 1)."""
         return int(self.target.vocab_size())
 
     @property

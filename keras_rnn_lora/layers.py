@@ -7,7 +7,10 @@ loses. Which path runs:
 - GRU and LSTM on a GPU (TensorFlow and PyTorch; JAX where Keras' JAX
   backend has a cuDNN kernel): the backend's fused kernel, fed the
   effective kernel `W + s*A@B`;
-- GRU and LSTM on a CPU, and SimpleRNN everywhere: the factored LoRA step
+- GRU and LSTM on torch's CPU, in inference and in training up to
+  `TORCH_CPU_FUSED_MAX_UNITS` units: Keras' own torch loop, fed the same
+  effective kernel (cheaper there than stepping the factored cell);
+- otherwise, and SimpleRNN everywhere: the factored LoRA step
   `h@W + s*(h@A)@B` in Keras' RNN loop.
 
 The effective kernel is formed once per call (not per step) and gradients
@@ -27,6 +30,13 @@ from keras_rnn_lora import cell_base
 from keras_rnn_lora import cells
 from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
+
+#: On torch without a GPU, the widest GRU/LSTM whose training step is faster
+#: on Keras' own torch loop fed `W + s*A@B` than on the factored loop
+#: (`benchmarks/torch_small_layers.py`, batch 32 x 20 steps, rank 8: the
+#: effective-kernel step / the factored step 0.55 at 16 units, 0.83-0.85 at
+#: 256, 1.12-1.15 at 512). Inference takes that path at every width.
+TORCH_CPU_FUSED_MAX_UNITS = 256
 
 # Arguments of the stock layer that belong to `keras.layers.RNN` itself.
 _RNN_ARGS = (
@@ -229,11 +239,31 @@ class LoRARecurrentLayer:
         self.cell.unmerge_lora()
         return self
 
-    def _fusable(self, training):
+    def _fusable(self, training, mask):
+        """Whether the stock layer's fused dispatch runs, fed `W + s*A@B`:
+        on a GPU; and on torch's CPU where Keras' own torch loop (the input
+        projected at once, plain torch per step) beats stepping the
+        factored cell through `keras.ops`: in inference, and in training up
+        to `TORCH_CPU_FUSED_MAX_UNITS` units, where the full-size kernel
+        gradient it forms is still cheaper than the factored loop's per-step
+        overhead. Never with LoRA dropout in training (the fused kernels
+        cannot apply it)."""
+        if self.use_cudnn_setting not in ("auto", True):
+            return False
+        if training and self.cell.lora_dropout > 0:
+            return False
+        if accelerator_present():
+            return True
         return (
-            accelerator_present()
-            and self.use_cudnn_setting in ("auto", True)
-            and not (training and self.cell.lora_dropout > 0)
+            keras.backend.backend() == "torch"
+            and (not training or self.cell.units <= TORCH_CPU_FUSED_MAX_UNITS)
+            # The cells draw their own input dropout masks (one per gate
+            # with `implementation=1`), which Keras' fused dispatch would
+            # replace with one of its own.
+            and not (training and self.cell.dropout > 0)
+            and keras_internals.stock_precomputes(
+                self.stock_class, True, self.cell, self.unroll, mask
+            )
         )
 
     def _precompute_inputs(self, training, mask):
@@ -284,7 +314,7 @@ class LoRARecurrentLayer:
         return last, keras_internals.contiguous_sequence(outputs), states
 
     def _inner_loop(self, sequences, initial_state, mask, training):
-        if not self._fusable(training):
+        if not self._fusable(training, mask):
             return self._factored_loop(sequences, initial_state, mask, training)
         # The stock layer's own dispatch (cuDNN where it can, else its step
         # loop) with the cell's kernels read as W + s*A@B.

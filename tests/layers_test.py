@@ -4,6 +4,7 @@ LoRALSTM)."""
 import keras
 import numpy as np
 import pytest
+from conftest import BACKEND
 from conftest import gradients
 from conftest import randomize_lora
 from conftest import to_numpy
@@ -372,10 +373,63 @@ def test_projects_the_whole_sequence_where_the_stock_layer_does(
         to_numpy(reference(x, mask=mask)),
         atol=1e-5,
     )
+    fused = keras.backend.backend() == "torch" and cls is not (
+        keras_rnn_lora.LoRASimpleRNN
+    )
+    if fused and not masked:
+        # Keras' own torch loop (fed W + s*A@B) runs instead: see
+        # test_torch_cpu_takes_keras_loop_where_it_is_cheaper.
+        assert 3 not in ranks
+        return
     whole_sequence = (
         keras.backend.backend() in STOCK_PRECOMPUTES_ON[cls] and not masked
     )
     assert (3 in ranks) == whole_sequence
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch CPU dispatch rule")
+@pytest.mark.parametrize(
+    "units,training,lora_dropout,fused",
+    [
+        (16, True, 0.0, True),
+        (256, True, 0.0, True),
+        (384, True, 0.0, False),  # the factored loop is cheaper in training
+        (384, False, 0.0, True),  # inference: Keras' loop at every width
+        (16, True, 0.2, False),  # the fused kernels cannot apply LoRA dropout
+    ],
+)
+@pytest.mark.parametrize("cls", FUSED_LAYERS, ids=FUSED_IDS)
+def test_torch_cpu_takes_keras_loop_where_it_is_cheaper(
+    cls, units, training, lora_dropout, fused, monkeypatch
+):
+    """`benchmarks/torch_small_layers.py`: on torch's CPU, Keras' own loop
+    fed `W + s*A@B` is faster than the factored loop up to 256 units in
+    training and at every width in inference; both compute the same."""
+    from keras_rnn_lora import keras_internals
+
+    layer = cls(units, rank=2, lora_dropout=lora_dropout)
+    reference = keras.layers.RNN(cls.cell_class(units, rank=2))
+    x = x_batch(1)
+    layer(x)
+    reference(x)
+    randomize_lora(layer)
+    reference.set_weights(layer.get_weights())
+    module = keras_internals.fused_kernel_module()
+    name = cls.stock_class.__name__.lower()
+    calls = []
+    kernel = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    out = layer(x, training=training)
+    assert bool(calls) == fused
+    if not lora_dropout:
+        np.testing.assert_allclose(
+            to_numpy(out), to_numpy(reference(x)), atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)

@@ -32,10 +32,13 @@ min-max, torch on one intra-op thread unless `--threads` says otherwise
 faster than `lora` (median ratio below 1).
 
 `--jit` instead measures `jit_compile=True` (Keras' torch trainer wraps the
-train step in `torch.compile`) against eager for `full` and `lora` at units
-32 and 256: each (layer, width) in a fresh process with an empty inductor
-cache (a cold compile), its compile time (the first step) reported apart
-from the interleaved steady-state steps.
+train step in `torch.compile`) against eager, for `full`, `lora` and
+`lora_fused` at units 32 and 256: each (layer, width, mode) in a fresh
+process with an empty inductor cache (a cold compile) holding that mode
+eager and compiled, plus the eager `full` step as the common reference; the
+compile time (the first step) is reported apart from the interleaved
+steady-state steps, and the first losses of eager and compiled (same
+weights, same batch) are compared.
 
     KERAS_BACKEND=torch python benchmarks/torch_small_layers.py [--rounds 101]
     KERAS_BACKEND=torch python benchmarks/torch_small_layers.py --jit
@@ -77,7 +80,7 @@ WARMUP = 2  # untimed steps per mode before the rounds
 # (GRU, 32 units, load average 5), one thread kept them within 7-23 ms.
 THREADS = 1
 JIT_UNITS = (32, 256)
-JIT_ROUNDS = 15  # a compiled LoRA step can take seconds (graph breaks)
+JIT_ROUNDS = 31
 JIT_TIMEOUT = 1200  # seconds for one (layer, width) child process
 # float32 agreement of `lora` and `lora_fused`: relative to the largest
 # magnitude of the compared array.
@@ -377,73 +380,79 @@ def print_steps(report):
 
 # -- torch.compile -------------------------------------------------------
 
-JIT_MODES = ("full", "full_jit", "lora", "lora_jit")
+JIT_ARMS = ("full", "lora", "lora_fused")
 JIT_CHILD = (
     "import sys; sys.path.insert(0, {here!r}); import torch_small_layers; "
     "torch_small_layers.jit_child(*sys.argv[1:])"
 )
 
 
-def jit_child(kind, units, rounds, threads):
-    """In a fresh process: compile time and steady-state steps of `full` and
-    `lora`, eager and `jit_compile=True`; reported for `in_fresh_process`."""
+def jit_child(kind, units, arm, rounds, threads):
+    """In a fresh process: `arm` eager and with `jit_compile=True` (and the
+    eager `full` step as the common reference): compile time, first
+    losses and interleaved steady-state steps; reported for
+    `in_fresh_process`. One compiled model a process, as in a user's run
+    (two compiled models in one process recompile each other's shared
+    Keras frames when they alternate)."""
     import torch
 
     units, rounds = int(units), int(rounds)
     torch.set_num_threads(int(threads))
     x, y = data()
+    names = ["full", arm, f"{arm}_jit"] if arm != "full" else [arm, "full_jit"]
     models = {}
-    first_steps = {}
-    losses = {}
-    for name in JIT_MODES:
-        mode = name.removesuffix("_jit")
+    for name in names:
         models[name], layer = build(
-            kind, mode, units, jit_compile=name.endswith("_jit")
+            kind, name.removesuffix("_jit"), units, name.endswith("_jit")
         )
-        if mode == "lora":
+        if name == arm and arm != "full":
             randomize_b(layer)
-        if name.endswith("_jit"):
-            models[name].set_weights(models[mode].get_weights())
-        seconds = []
-        for _ in range(3):  # the first compiles; later ones may recompile
+    models[f"{arm}_jit"].set_weights(models[arm].get_weights())
+    first_steps, losses = {}, {}
+    for name in (arm, f"{arm}_jit"):  # the same weights, the same batch
+        first_steps[name], losses[name] = [], []
+        for _ in range(3):  # the first compiles; the second recompiles
             start = time.perf_counter()
-            loss = models[name].train_on_batch(x, y)
-            seconds.append(time.perf_counter() - start)
-            losses.setdefault(name, []).append(float(loss))
-        first_steps[name] = seconds
+            losses[name].append(float(models[name].train_on_batch(x, y)))
+            first_steps[name].append(time.perf_counter() - start)
     times = measurement.interleaved_times(
         {
             name: (lambda m=m: m.train_on_batch(x, y))
             for name, m in models.items()
         },
         rounds,
-        warmup=0,  # three steps each above
+        warmup=WARMUP,
     )
-    graphs = None
+    dynamo = None
     with contextlib.suppress(Exception):
         from torch._dynamo.utils import counters
 
-        graphs = {
+        dynamo = {
             "unique_graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values()),
+            "graph_break_reasons": sorted(
+                {reason.splitlines()[0] for reason in counters["graph_break"]}
+            ),
         }
-    measurement.report(
-        {
-            "keras_jit_compile": {
-                name: bool(m.jit_compile) for name, m in models.items()
-            },
-            "first_three_steps_s": first_steps,
-            "first_three_losses": losses,
-            "dynamo_both_compiled_models": graphs,
-            "median_step_ms": {
-                name: 1000 * float(np.median(t)) for name, t in times.items()
-            },
-            "full_jit/full": ratio_summary(times, "full_jit", "full"),
-            "lora_jit/lora": ratio_summary(times, "lora_jit", "lora"),
-            "lora/full": ratio_summary(times, "lora", "full"),
-            "lora_jit/full": ratio_summary(times, "lora_jit", "full"),
-        }
-    )
+    result = {
+        "keras_jit_compile": {
+            name: bool(m.jit_compile) for name, m in models.items()
+        },
+        "first_three_steps_s": first_steps,
+        "first_three_losses": losses,
+        "first_loss_rel_diff": abs(losses[arm][0] - losses[f"{arm}_jit"][0])
+        / abs(losses[arm][0]),
+        "dynamo": dynamo,
+        "median_step_ms": {
+            name: 1000 * float(np.median(t)) for name, t in times.items()
+        },
+        "step_s": times,
+        "jit/eager": ratio_summary(times, f"{arm}_jit", arm),
+    }
+    if arm != "full":
+        result["eager/full"] = ratio_summary(times, arm, "full")
+        result["jit/full"] = ratio_summary(times, f"{arm}_jit", "full")
+    measurement.report(result)
 
 
 def measure_jit(rounds, units_list, threads):
@@ -451,61 +460,75 @@ def measure_jit(rounds, units_list, threads):
     rows = []
     for kind in LAYERS:
         for units in units_list:
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as cache:
-                previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # cold compile
-                try:
-                    row = measurement.in_fresh_process(
-                        JIT_CHILD.format(here=here),
-                        kind,
-                        units,
-                        rounds,
-                        threads,
-                        timeout=JIT_TIMEOUT,
-                    )
-                except RuntimeError as error:
-                    row = {"error": str(error)}
-                finally:
-                    if previous is None:
-                        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-                    else:
-                        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-            row = {
-                "layer": kind,
-                "units": units,
-                **row,
-                "seconds": time.perf_counter() - start,
-            }
-            rows.append(row)
-            print(f"{kind} {units}: {row['seconds']:.0f} s", flush=True)
+            for arm in JIT_ARMS:
+                start = time.perf_counter()
+                row = {"layer": kind, "units": units, "arm": arm}
+                with cold_inductor_cache():
+                    try:
+                        row.update(
+                            measurement.in_fresh_process(
+                                JIT_CHILD.format(here=here),
+                                kind,
+                                units,
+                                arm,
+                                rounds,
+                                threads,
+                                timeout=JIT_TIMEOUT,
+                            )
+                        )
+                    except RuntimeError as error:
+                        row["error"] = str(error)
+                row["seconds"] = time.perf_counter() - start
+                rows.append(row)
+                print(
+                    f"{kind} {units} {arm}: {row['seconds']:.0f} s", flush=True
+                )
     return rows
+
+
+@contextlib.contextmanager
+def cold_inductor_cache():
+    """An empty inductor cache for child processes: every compile is cold,
+    as in a user's first run."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def print_jit(report):
     print(
         f"\ntorch CPU, jit_compile=True (torch.compile) against eager, "
         f"{report['settings']['rounds']} rounds; median of per-round ratios "
-        "(min-max); compile = the first step (cold inductor cache)\n"
+        "(min-max); compile = the first compiled step, recompile = the "
+        "second (cold inductor cache); full = the stock layer's eager step\n"
     )
     print(
-        "| layer | units | full_jit/full | lora_jit/lora | lora/full "
-        "| lora_jit/full | compile full s | compile lora s |"
+        "| layer | units | arm | jit/eager | eager/full | jit/full "
+        "| jit ms | compile s | recompile s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in report["rows"]:
+        head = f"| {r['layer']} | {r['units']} | {r['arm']} "
         if "error" in r:
-            print(
-                f"| {r['layer']} | {r['units']} | failed: "
-                f"{r['error'].splitlines()[0]} | | | | | |"
-            )
+            print(f"{head}| failed: {r['error'].splitlines()[0]} |||||||")
             continue
-        first = r["first_three_steps_s"]
+        first = r["first_three_steps_s"][f"{r['arm']}_jit"]
+        full = (
+            ("-", "-")
+            if r["arm"] == "full"
+            else (fmt(r["eager/full"]), fmt(r["jit/full"]))
+        )
         print(
-            f"| {r['layer']} | {r['units']} | {fmt(r['full_jit/full'])} "
-            f"| {fmt(r['lora_jit/lora'])} | {fmt(r['lora/full'])} "
-            f"| {fmt(r['lora_jit/full'])} | {first['full_jit'][0]:.0f} "
-            f"| {first['lora_jit'][0]:.0f} |"
+            f"{head}| {fmt(r['jit/eager'])} | {full[0]} | {full[1]} "
+            f"| {r['median_step_ms'][r['arm'] + '_jit']:.1f} "
+            f"| {first[0]:.0f} | {first[1]:.1f} |"
         )
 
 

@@ -284,7 +284,9 @@ def environment(backend):
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(git("status", "--porcelain")),
+        "uncommitted_changes": bool(
+            git("status", "--porcelain", "--untracked-files=no")
+        ),
         "versions": {
             "python": platform.python_version(),
             "keras": keras.__version__,
@@ -362,13 +364,13 @@ def print_steps(report):
         "c = LoRA through the effective-kernel path; median of per-round "
         "ratios (min-max)\n"
     )
-    print("| layer | units | rank | a ms | b/a | c/a | c/b |")
+    print("| layer | units | rank | a, b, c ms | b/a | c/a | c/b |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in report["rows"]:
+        ms = ", ".join(f"{r['median_step_ms'][m]:.1f}" for m in MODES)
         print(
-            f"| {r['layer']} | {r['units']} | {r['rank']} "
-            f"| {r['median_step_ms']['full']:.1f} | {fmt(r['b/a'])} "
-            f"| {fmt(r['c/a'])} | {fmt(r['c/b'])} |"
+            f"| {r['layer']} | {r['units']} | {r['rank']} | {ms} "
+            f"| {fmt(r['b/a'])} | {fmt(r['c/a'])} | {fmt(r['c/b'])} |"
         )
     print()
     for kind, c in report["crossover"].items():

@@ -43,8 +43,8 @@ weights, same batch) are compared.
     KERAS_BACKEND=torch python benchmarks/torch_small_layers.py [--rounds 101]
     KERAS_BACKEND=torch python benchmarks/torch_small_layers.py --jit
 
-About 4-6 minutes on a 2-core CPU; `--jit` about 25-35 minutes (torch.compile
-takes 2-4 minutes per model there). Writes
+About 1.5-2 minutes on a 2-core CPU; `--jit` about 13 minutes (12 fresh
+processes; a cold torch.compile took 40-90 s per model there). Writes
 benchmarks/results/torch_small_layers.json (`--jit`:
 torch_small_layers_jit.json) and prints a Markdown table last.
 """

@@ -21,6 +21,7 @@ import numpy as np
 
 from keras_rnn_lora.checks import is_int
 from keras_rnn_lora.checks import is_real
+from keras_rnn_lora.lora import LORA_INITS
 
 FORMAT = "keras-rnn-lora-adapter"
 # 2: factors and attributes; 3: also `lora_dropout`. Both load.
@@ -77,6 +78,8 @@ def adapter_attributes(adapter):
         "use_rslora": adapter.lora_config.use_rslora,
         "lora_targets": ",".join(adapter.lora_targets),
         "lora_dropout": adapter.lora_config.lora_dropout,
+        "use_dora": adapter.use_dora,
+        "lora_init": adapter.lora_init,
         "base_fingerprint": base_fingerprint(adapter),
     }
 
@@ -100,6 +103,8 @@ _OPTIONAL_ATTRIBUTES = {
         "a number in [0, 1)",
         0.0,
     ),
+    "use_dora": (lambda v: isinstance(v, bool), "a bool", False),
+    "lora_init": (lambda v: v in LORA_INITS, f"one of {LORA_INITS}", "default"),
 }
 
 
@@ -282,7 +287,16 @@ def check_header(layer_path, adapter, header, path, strict):
     fingerprints match."""
     expected = adapter_attributes(adapter)
     attributes = header.attributes
-    for key in ("class_name", "rank", "lora_targets", "use_rslora"):
+    if attributes["lora_init"] != expected["lora_init"]:
+        raise ValueError(
+            f"Layer '{layer_path}': the adapter in {path!r} was initialized "
+            f"with lora_init={attributes['lora_init']!r}, the model's layer "
+            f"with lora_init={expected['lora_init']!r}: each trains on its "
+            "own frozen residual of the kernel. Load the file into the base "
+            "model with `keras_rnn_lora.load_lora_model(base, path)`, which "
+            "sets the adapters up as the file says."
+        )
+    for key in ("class_name", "rank", "lora_targets", "use_rslora", "use_dora"):
         if attributes[key] != expected[key]:
             raise ValueError(
                 f"Layer '{layer_path}': the adapter file {path!r} has "

@@ -197,13 +197,15 @@ def _settings(header):
         if class_name in _LAYER_TARGET
         else tuple(attributes["lora_targets"].split(","))
     )
-    return (
-        attributes["rank"],
-        float(attributes["lora_alpha"]),
-        attributes["use_rslora"],
-        float(attributes["lora_dropout"]),
-        targets,
-    )
+    return {
+        "rank": attributes["rank"],
+        "lora_alpha": float(attributes["lora_alpha"]),
+        "use_rslora": attributes["use_rslora"],
+        "lora_dropout": float(attributes["lora_dropout"]),
+        "lora_targets": targets,
+        "use_dora": attributes["use_dora"],
+        "lora_init": attributes["lora_init"],
+    }
 
 
 def load_lora_model(model, path, strict=True):
@@ -245,17 +247,12 @@ def load_lora_model(model, path, strict=True):
             header.check(path)
         groups = collections.defaultdict(set)
         for layer_path, header in headers.items():
-            groups[_settings(header)].add(_layer_name(layer_path))
+            settings = tuple(sorted(_settings(header).items()))
+            groups[settings].add(_layer_name(layer_path))
         lora_model = model
-        for (rank, alpha, rslora, dropout, targets), names in groups.items():
+        for settings, names in groups.items():
             lora_model = enable_lora(
-                lora_model,
-                rank=rank,
-                lora_alpha=alpha,
-                use_rslora=rslora,
-                lora_dropout=dropout,
-                lora_targets=targets,
-                layers=sorted(names),
+                lora_model, **dict(settings), layers=sorted(names)
             )
         adapters = lora_adapters(lora_model)
         if set(adapters) != set(headers):

@@ -15,11 +15,13 @@ state lives in `merging.py`, saving in `lora_store.py`, LoRA dropout in
 
 import inspect
 
+import keras
 import numpy as np
 from keras import initializers
 from keras import ops
 
 from keras_rnn_lora import lora
+from keras_rnn_lora import variants
 from keras_rnn_lora.lora_dropout import LoRADropoutMixin
 from keras_rnn_lora.merging import MergeableLoRA
 
@@ -46,8 +48,20 @@ _LORA_ARGS_DOC = """
             `"he_uniform"`.
         lora_b_initializer: initializer for the `B` factors. Default
             `"zeros"`, so a fresh adapter leaves the outputs unchanged.
+        use_dora: bool, default `False`. DoRA: each adapted kernel acts as
+            `m * (W + s*A@B) / column_norm(W + s*A@B)`, with a trainable
+            magnitude `m` per column (`lora_<kernel>_magnitude`),
+            initialized to the column norms of `W`. The norm is computed once
+            per call of the RNN layer, the step stays factored.
+        lora_init: `"default"` (the initializers above), `"pissa"` or
+            `"olora"`: `A` and `B` from the kernel's top singular vectors or
+            its QR decomposition, the frozen kernel becoming the residual
+            `W - s*A@B` (outputs unchanged).
         lora_merged: bool, default `False`. Whether the cell starts merged
             (set by `get_config` so the merged state survives saving).
+        trainable_base_weights: `None` (default: every unadapted weight
+            trains, as in the stock cell) or the names of those that do
+            (`()`: only the adapter; set by `mark_only_lora_as_trainable`).
 """
 
 
@@ -113,6 +127,8 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         lora_targets=("recurrent",),
         lora_a_initializer="he_uniform",
         lora_b_initializer="zeros",
+        use_dora=False,
+        lora_init="default",
         lora_merged=False,
         trainable_base_weights=None,
         **kwargs,
@@ -134,6 +150,8 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
             ),
             lora_a_initializer=lora_a_initializer,
             lora_b_initializer=lora_b_initializer,
+            use_dora=use_dora,
+            lora_init=lora_init,
         )
         self.init_lora(config, lora_merged, trainable_base_weights)
         self.lora_alpha = config.lora_alpha
@@ -154,8 +172,11 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
             )
             setattr(self, f"{prefix}_a", a)
             setattr(self, f"{prefix}_b", b)
+            if self.use_dora:
+                magnitude = variants.add_magnitude(self, prefix, output_dim)
+                setattr(self, f"{prefix}_magnitude", magnitude)
             if kernel.regularizer is not None:
-                b.regularizer = lora.EffectiveKernelRegularizer(
+                b.regularizer = EffectiveKernelRegularizer(
                     self, target, kernel.regularizer
                 )
         self.finish_lora_build()
@@ -170,15 +191,31 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         prefix = f"lora_{lora.KERNEL_ATTRIBUTES[target]}"
         return getattr(self, f"{prefix}_a"), getattr(self, f"{prefix}_b")
 
-    def effective_kernel(self, target):
-        """The kernel `target` ("kernel" or "recurrent") acts as: `W + s*A@B`
-        from the live factors (merged, `B` is zero and `W` holds the
-        merge). Differentiable with respect to `A` and `B` (what the fused
-        layers feed to cuDNN)."""
-        kernel = self.lora_kernel(target)
-        if target not in self.lora_targets:
-            return kernel
-        return ops.add(kernel, ops.cast(self.delta(target), kernel.dtype))
+    def lora_magnitude(self, target):
+        """DoRA's magnitude of `target`, or `None` without DoRA."""
+        if not self.use_dora:
+            return None
+        return getattr(self, f"lora_{lora.KERNEL_ATTRIBUTES[target]}_magnitude")
+
+    # -- per call: DoRA's column scales ---------------------------------------
+    # Keras' RNN layer asks its cell for dropout masks once before its loop
+    # and resets them after; DoRA's scales (which depend on the weights
+    # alone) are computed at the same moment, once per call, not per step.
+
+    def get_dropout_mask(self, step_input):
+        if self.use_dora and not getattr(self, "_dora_scales", None):
+            self._dora_scales = {
+                t: self.dora_scale(t) for t in self.lora_targets
+            }
+        return super().get_dropout_mask(step_input)
+
+    def reset_dropout_mask(self):
+        super().reset_dropout_mask()
+        self._dora_scales = None
+
+    def _call_dora_scale(self, target):
+        scales = getattr(self, "_dora_scales", None)
+        return scales[target] if scales else self.dora_scale(target)
 
     # -- the factored step ----------------------------------------------------
 
@@ -203,10 +240,18 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         if columns is not None:
             b = b[:, columns]
         if x.dtype == a.dtype:
-            return y + ops.matmul(ops.matmul(x, a) * self.scaling, b)
-        # Mixed precision or a bfloat16 base: the LoRA branch stays float32.
-        low = ops.matmul(ops.cast(x, a.dtype), a) * self.scaling
-        return y + ops.cast(ops.matmul(low, b), y.dtype)
+            y = y + ops.matmul(ops.matmul(x, a) * self.scaling, b)
+        else:
+            # Mixed precision or a bfloat16 base: the LoRA branch stays
+            # float32.
+            low = ops.matmul(ops.cast(x, a.dtype), a) * self.scaling
+            y = y + ops.cast(ops.matmul(low, b), y.dtype)
+        if not self.use_dora:
+            return y
+        scale = self._call_dora_scale(target)
+        if columns is not None:
+            scale = scale[columns]
+        return y * ops.cast(scale, y.dtype)
 
     def _gate_projections(self, target, xs, training, gates=None):
         """Projects per-gate inputs `xs` and returns one tensor per gate.
@@ -311,3 +356,27 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
                         np.array(ops.convert_to_numpy(source))
                     )
         return lora_cell
+
+
+class EffectiveKernelRegularizer(keras.regularizers.Regularizer):
+    """A targeted kernel's regularizer, applied to `W + s*A@B`.
+
+    Keras collects regularization losses of trainable weights only, and a
+    LoRA target is frozen: this rides on the adapter's `B` (the value it is
+    called with is ignored), equals the stock loss while `B = 0` and reaches
+    the factors. Nothing while the kernel itself is trainable (Keras then
+    regularizes it directly); merged, the factors are frozen too.
+    """
+
+    def __init__(self, layer, target, regularizer):
+        self.layer = layer
+        self.target = target
+        self.regularizer = regularizer
+
+    def __call__(self, _):
+        if self.layer.lora_kernel(self.target).trainable:
+            return ops.zeros((), "float32")
+        return self.regularizer(self.layer.effective_kernel(self.target))
+
+    def get_config(self):
+        return keras.regularizers.serialize(self.regularizer)

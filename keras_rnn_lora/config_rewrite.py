@@ -96,6 +96,10 @@ def _lora_keras_layer(node, lora_cls, keras_args):
     """A serialized Keras `Dense`/`EinsumDense`/`Embedding` as its LoRA twin,
     which enables Keras' own LoRA on it."""
     stock = _from_config(node)
+    try:
+        lora_cls.check_dora(keras_args.get("use_dora", False))
+    except ValueError as error:
+        raise ValueError(f"Layer '{stock.name}': {error}") from None
     config = stock.get_config()
     # Keras' own LoRA settings become ours (`keras_args`).
     config.pop("lora_rank", None)
@@ -189,6 +193,8 @@ class Conversion:
                     **keras_lora,
                     "use_rslora": False,
                     "lora_dropout": 0.0,
+                    "use_dora": False,
+                    "lora_init": "default",
                 },
             )
         if (

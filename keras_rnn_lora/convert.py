@@ -163,7 +163,13 @@ def enable_lora(
     new_config.pop("compile_config", None)
     lora_model = keras.saving.deserialize_keras_object(new_config)
     _copy_base_weights(model, lora_model)
-    _copy_adapters(model, lora_model)
+    carried = _copy_adapters(model, lora_model)
+    # The new adapters start from the trained kernels just copied in (they
+    # were initialized from the random ones at build): PiSSA/OLoRA factors
+    # and residuals, DoRA magnitudes.
+    for path, adapter in lora_adapters(lora_model).items():
+        if path not in carried:
+            adapter.initialize_from_base()
     compile_like(lora_model, model)
     return lora_model
 
@@ -254,12 +260,15 @@ def _copy_base_weights(source, target, values=None):
 
 def _copy_adapters(source, target):
     """Carries adapters `source` already had (factors, merge state,
-    pre-merge kernels) into the new model, through their store format."""
+    pre-merge kernels) into the new model, through their store format;
+    returns their paths."""
     target_adapters = lora_adapters(target)
-    for path, adapter in lora_adapters(source).items():
+    carried = lora_adapters(source)
+    for path, adapter in carried.items():
         store = {}
         adapter.save_own_variables(store)
         target_adapters[path].load_own_variables(store)
+    return set(carried)
 
 
 def to_base_model(model, dtype=None):

@@ -19,6 +19,10 @@ class LoRAHost(abc.ABC):
         """The live factor variables `(A, B)` of `target`."""
 
     @abc.abstractmethod
+    def lora_magnitude(self, target):
+        """DoRA's magnitude variable of `target`, or `None` without DoRA."""
+
+    @abc.abstractmethod
     def base_weights(self):
         """The weights a stock layer of this kind has, in its order."""
 

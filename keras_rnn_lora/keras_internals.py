@@ -7,6 +7,8 @@ the installed Keras and fails naming the symbol when one is gone or has
 changed shape. Nothing outside this module reads a private Keras name.
 """
 
+import contextlib
+
 import keras
 
 KERAS_VERSION_READ = "3.15.1"
@@ -41,6 +43,18 @@ def raw_weight(layer):
         if isinstance(layer, cls):
             return getattr(layer, attribute)
     raise TypeError(f"No raw weight known for {type(layer).__name__}.")
+
+
+@contextlib.contextmanager
+def weights_addable(layer):
+    """Lets `layer` create weights after Keras locked its tracker: Keras'
+    `enable_lora` locks it (`layer._tracker.lock()`) once it has added its
+    factors, and DoRA's magnitude comes after them."""
+    layer._tracker.unlock()
+    try:
+        yield
+    finally:
+        layer._tracker.lock()
 
 
 # -- attributes Keras must not track ------------------------------------------
@@ -142,5 +156,6 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 #: the object that must have it.
 PRIVATE_NAMES = (
     ("LSTMCell._compute_carry_and_output_fused", keras.layers.LSTMCell),
+    ("Layer._tracker", keras.layers.Dense(1)),
     ("BackupAndRestore._save_model", keras.callbacks.BackupAndRestore),
 )

@@ -35,6 +35,7 @@ from keras import ops
 
 from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
+from keras_rnn_lora import variants
 from keras_rnn_lora.merging import MergeableLoRA
 
 
@@ -47,6 +48,7 @@ class KerasLoRALayer(MergeableLoRA):
 
     stock_class = None
     factor_names = ("lora_kernel_a", "lora_kernel_b")
+    dora_allowed = True
 
     @classmethod
     def _pop_lora_arguments(cls, kwargs):
@@ -85,7 +87,19 @@ class KerasLoRALayer(MergeableLoRA):
                 "(LoRA dropout applies to the recurrent adapters). Received: "
                 f"lora_dropout={config.lora_dropout}"
             )
+        self.check_dora(config.use_dora)
         self.init_lora(config, merged, trainable_base)
+
+    @classmethod
+    def check_dora(cls, use_dora):
+        """Raises `ValueError` when `use_dora` asks for DoRA on a layer
+        without kernel columns (Embedding)."""
+        if use_dora and not cls.dora_allowed:
+            raise ValueError(
+                "Received an invalid value for `use_dora`, expected False: "
+                f"DoRA scales a kernel's columns, and {cls.__name__} has none "
+                "(its table's rows are looked up). Received: use_dora=True"
+            )
 
     def build(self, input_shape=None):
         super().build(input_shape)
@@ -104,6 +118,11 @@ class KerasLoRALayer(MergeableLoRA):
             a_initializer=self.lora_a_initializer,
             b_initializer=self.lora_b_initializer,
         )
+        if self.use_dora:
+            with keras_internals.weights_addable(self):
+                self.lora_kernel_magnitude = variants.add_magnitude(
+                    self, "lora_kernel", self.lora_kernel().shape[-1]
+                )
         self.finish_lora_build()
 
     def lora_kernel(self, target="kernel"):
@@ -114,11 +133,16 @@ class KerasLoRALayer(MergeableLoRA):
         """The factors `(A, B)`: Keras' own LoRA variables."""
         return tuple(getattr(self, name) for name in self.factor_names)
 
-    def effective_kernel(self, target="kernel"):
-        """`W + s*A@B` from the live factors (merged, `B` is zero and `W`
-        holds the merge)."""
-        kernel = self.lora_kernel(target)
-        return ops.add(kernel, ops.cast(self.delta(target), kernel.dtype))
+    def lora_magnitude(self, target="kernel"):
+        """DoRA's magnitude, or `None` without DoRA."""
+        return getattr(self, "lora_kernel_magnitude", None)
+
+    def dora_kernel(self, kernel):
+        """`kernel` (Keras' own `W + s*A@B`) column-scaled by DoRA's
+        `m / norm`, or as it is without DoRA (or while being built)."""
+        if self.lora_magnitude() is None:
+            return kernel
+        return kernel * ops.cast(self.dora_scale("kernel"), kernel.dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -139,6 +163,8 @@ _ARGS_DOC = """
         lora_targets: `("kernel",)`, the only target of these layers.
         lora_a_initializer: as for `keras_rnn_lora.LoRAConfig`.
         lora_b_initializer: as for `keras_rnn_lora.LoRAConfig`.
+        use_dora: as for `keras_rnn_lora.LoRAConfig` (not on Embedding).
+        lora_init: as for `keras_rnn_lora.LoRAConfig`.
         lora_merged: as for the LoRA cells.
         trainable_base_weights: as for the LoRA cells.
         **kwargs: every other argument of `keras.layers.{layer}`.
@@ -166,6 +192,10 @@ class LoRADense(KerasLoRALayer, keras.layers.Dense):
         super().__init__(units, **kwargs)
         self._init_lora_arguments(rank, arguments)
 
+    @property
+    def kernel(self):
+        return self.dora_kernel(keras.layers.Dense.kernel.fget(self))
+
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
 class LoRAEinsumDense(KerasLoRALayer, keras.layers.EinsumDense):
@@ -188,6 +218,10 @@ class LoRAEinsumDense(KerasLoRALayer, keras.layers.EinsumDense):
         super().__init__(equation, output_shape, **kwargs)
         self._init_lora_arguments(rank, arguments)
 
+    @property
+    def kernel(self):
+        return self.dora_kernel(keras.layers.EinsumDense.kernel.fget(self))
+
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
 class LoRAEmbedding(KerasLoRALayer, keras.layers.Embedding):
@@ -205,6 +239,7 @@ class LoRAEmbedding(KerasLoRALayer, keras.layers.Embedding):
 
     stock_class = keras.layers.Embedding
     factor_names = ("lora_embeddings_a", "lora_embeddings_b")
+    dora_allowed = False
 
     def __init__(self, input_dim, output_dim, rank=None, **kwargs):
         arguments = self._pop_lora_arguments(kwargs)

@@ -27,6 +27,7 @@ import contextlib
 import keras
 
 from keras_rnn_lora import cell_base
+from keras_rnn_lora import cell_views
 from keras_rnn_lora import cells
 from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
@@ -80,47 +81,6 @@ class _FusedOff:
 
 
 FUSED_OFF_OUTSIDE = _FusedOff()
-
-
-class _EffectiveKernels:
-    """A stand-in for a LoRA cell whose kernels read `W + s*A@B`.
-
-    Everything else (the step itself, dropout masks, activations) is the
-    real cell's, so if the backend has no fused kernel after all, Keras'
-    fallback loop still runs the real, factored cell.
-    """
-
-    def __init__(self, cell):
-        self._cell = cell
-        self.kernel = cell.effective_kernel("kernel")
-        self.recurrent_kernel = cell.effective_kernel("recurrent")
-
-    def __getattr__(self, name):
-        return getattr(self._cell, name)
-
-    def __call__(self, *args, **kwargs):
-        return self._cell(*args, **kwargs)
-
-
-class _CellStep:
-    """The cell as `keras.layers.RNN.inner_loop` calls it, one time step:
-    `recurrent_step` over an input sequence projected beforehand, or the
-    cell's whole `call`. Either is called directly, not through
-    `Layer.__call__`, whose per-step bookkeeping (already done once by the
-    layer's own call: dtype policy, autocast scope, training flag) is pure
-    overhead per time step on torch's eager loop (the paper's Elman step:
-    ours / the paper's loop 1.33 -> 1.15, timed A B)."""
-
-    def __init__(self, cell, training, projected):
-        self._cell = cell
-        self._training = training
-        self._step = cell.recurrent_step if projected else cell.call
-
-    def __getattr__(self, name):
-        return getattr(self._cell, name)
-
-    def __call__(self, inputs, states):
-        return self._step(inputs, states, training=self._training)
 
 
 def _stock_and_cell(layer, units, rank, kwargs):
@@ -202,7 +162,7 @@ class LoRARecurrentLayer:
         `W + s*A@B`. `get_config()` and this layer's own dispatch use the
         setting itself (`use_cudnn_setting`).
         """
-        if isinstance(self.cell, _EffectiveKernels):
+        if isinstance(self.cell, cell_views.EffectiveKernels):
             return self._use_cudnn
         return FUSED_OFF_OUTSIDE
 
@@ -291,7 +251,9 @@ class LoRARecurrentLayer:
         projected = self._precompute_inputs(training, mask)
         if projected:
             sequences = self.cell.input_projection(sequences, training)
-        with self._cell_view(_CellStep(self.cell, training, projected)):
+        with self._cell_view(
+            cell_views.CellStep(self.cell, training, projected)
+        ):
             return keras.layers.RNN.inner_loop(
                 self, sequences, initial_state, mask, training=training
             )
@@ -318,7 +280,7 @@ class LoRARecurrentLayer:
             return self._factored_loop(sequences, initial_state, mask, training)
         # The stock layer's own dispatch (cuDNN where it can, else its step
         # loop) with the cell's kernels read as W + s*A@B.
-        with self._cell_view(_EffectiveKernels(self.cell)):
+        with self._cell_view(cell_views.EffectiveKernels(self.cell)):
             return self.stock_class.inner_loop(
                 self, sequences, initial_state, mask, training=training
             )

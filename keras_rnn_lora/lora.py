@@ -15,6 +15,7 @@ import numpy as np
 from keras import initializers
 from keras import ops
 
+from keras_rnn_lora import variants
 from keras_rnn_lora.checks import invalid
 from keras_rnn_lora.checks import is_int
 from keras_rnn_lora.checks import is_real
@@ -63,6 +64,24 @@ def validate_use_rslora(use_rslora):
     if not isinstance(use_rslora, bool):
         raise invalid("use_rslora", "a bool", use_rslora)
     return use_rslora
+
+
+def validate_use_dora(use_dora):
+    if not isinstance(use_dora, bool):
+        raise invalid("use_dora", "a bool", use_dora)
+    return use_dora
+
+
+#: How an adapter's factors start: `"default"` from the initializers (B = 0),
+#: `"pissa"` from the kernel's top singular vectors and `"olora"` from its
+#: QR decomposition (the frozen kernel becoming the residual).
+LORA_INITS = ("default", "pissa", "olora")
+
+
+def validate_lora_init(lora_init):
+    if lora_init not in LORA_INITS:
+        raise invalid("lora_init", f"one of {LORA_INITS}", lora_init)
+    return lora_init
 
 
 def validate_lora_targets(lora_targets, allowed=LORA_TARGETS):
@@ -152,8 +171,23 @@ class LoRAConfig:
             `"he_uniform"`.
         lora_b_initializer: initializer of the `B` factors. Default
             `"zeros"`, so a fresh adapter leaves the outputs unchanged.
+        use_dora: bool, default `False`. DoRA: the adapted kernel is
+            `m * (W + s*A@B) / column_norm(W + s*A@B)` with a trainable
+            magnitude `m` per column, initialized to the column norms of
+            `W` (a fresh adapter still leaves the outputs unchanged). The
+            step stays factored; the column norm is computed once per call.
+            Not on embeddings.
+        lora_init: how the factors start: `"default"` (the initializers
+            above), `"pissa"` (the kernel's top-`rank` singular vectors,
+            PiSSA) or `"olora"` (its QR decomposition, OLoRA). With
+            `"pissa"`/`"olora"` the frozen kernel becomes the residual
+            `W - s*A@B`, so the outputs are unchanged at initialization.
 
-    Reference: PEFT's `LoraConfig` (rank, alpha, rsLoRA, dropout, targets).
+    Reference: PEFT's `LoraConfig` (rank, alpha, rsLoRA, dropout, targets,
+    `use_dora`, `init_lora_weights`); Liu et al. 2024, DoRA
+    (https://arxiv.org/abs/2402.09353); Meng et al. 2024, PiSSA
+    (https://arxiv.org/abs/2404.02948); Büyükakyüz 2024, OLoRA
+    (https://arxiv.org/abs/2406.01775).
     """
 
     rank: int
@@ -163,6 +197,8 @@ class LoRAConfig:
     lora_targets: tuple = ("recurrent",)
     lora_a_initializer: object = "he_uniform"
     lora_b_initializer: object = "zeros"
+    use_dora: bool = False
+    lora_init: str = "default"
 
     def __post_init__(self):
         rank = validate_rank(self.rank)
@@ -172,6 +208,8 @@ class LoRAConfig:
             "use_rslora": validate_use_rslora(self.use_rslora),
             "lora_dropout": validate_lora_dropout(self.lora_dropout),
             "lora_targets": validate_lora_targets(self.lora_targets),
+            "use_dora": validate_use_dora(self.use_dora),
+            "lora_init": validate_lora_init(self.lora_init),
         }
         for name in INITIALIZER_FIELDS:
             # Stored as written (a name, a config dict or an object): Keras'
@@ -290,7 +328,7 @@ MAX_MERGE_LOSS = 0.01
 HALF_PRECISION = ("bfloat16", "float16")
 
 
-def merged_kernel(base, a, b, scaling, dtype, where):
+def merged_kernel(base, a, b, scaling, dtype, where, magnitude=None):
     """`base + scaling * a @ b` in `dtype`, as a NumPy array.
 
     Computed in float64, then cast to the kernel's `dtype`. Refuses (as
@@ -307,6 +345,7 @@ def merged_kernel(base, a, b, scaling, dtype, where):
         dtype: the kernel's dtype.
         where: what to name in the error, e.g. "cell 'gru_cell', kernel
             'recurrent_kernel'".
+        magnitude: DoRA's magnitude, or `None` without DoRA.
     """
     base64 = np.asarray(base, "float32").astype("float64")
     with np.errstate(over="ignore", invalid="ignore"):
@@ -314,7 +353,11 @@ def merged_kernel(base, a, b, scaling, dtype, where):
             np.asarray(a, "float32").astype("float64")
             @ np.asarray(b, "float32").astype("float64")
         )
-        merged = (base64 + delta).astype("float32")
+        merged = base64 + delta
+        if magnitude is not None:
+            merged = variants.dora_merged(merged, magnitude)
+        delta = merged - base64
+        merged = merged.astype("float32")
     with np.errstate(over="ignore"):  # an overflow is refused just below
         merged = to_numpy(ops.cast(merged, dtype))
     check_finite(merged, f"the merged kernel of {where}")
@@ -347,27 +390,3 @@ def check_finite(value, what):
             "hold NaN/Inf, or their product overflows the kernel's dtype. "
             "Nothing was changed."
         )
-
-
-class EffectiveKernelRegularizer(keras.regularizers.Regularizer):
-    """A targeted kernel's regularizer, applied to `W + s*A@B`.
-
-    Keras collects regularization losses of trainable weights only, and a
-    LoRA target is frozen: this rides on the adapter's `B` (the value it is
-    called with is ignored), equals the stock loss while `B = 0` and reaches
-    the factors. Nothing while the kernel itself is trainable (Keras then
-    regularizes it directly); merged, the factors are frozen too.
-    """
-
-    def __init__(self, layer, target, regularizer):
-        self.layer = layer
-        self.target = target
-        self.regularizer = regularizer
-
-    def __call__(self, _):
-        if self.layer.lora_kernel(self.target).trainable:
-            return ops.zeros((), "float32")
-        return self.regularizer(self.layer.effective_kernel(self.target))
-
-    def get_config(self):
-        return keras.regularizers.serialize(self.regularizer)

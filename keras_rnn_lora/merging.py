@@ -21,11 +21,12 @@ import numpy as np
 
 from keras_rnn_lora import lora
 from keras_rnn_lora import lora_store
+from keras_rnn_lora import variants
 from keras_rnn_lora.trainability import LoRATrainability
 from keras_rnn_lora.trainability import check_trainable_base_weights
 
 
-class MergeableLoRA(LoRATrainability):
+class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
     """Merge, unmerge and save the adapter of the host layer (see module)."""
 
     lora_noun = "layer"  # what messages call the host
@@ -39,6 +40,8 @@ class MergeableLoRA(LoRATrainability):
         self.use_rslora = config.use_rslora
         self.lora_dropout = config.lora_dropout
         self.lora_targets = config.lora_targets
+        self.use_dora = config.use_dora
+        self.lora_init = config.lora_init
         for name in lora.INITIALIZER_FIELDS:
             setattr(self, name, lora.new_initializer(getattr(config, name)))
         self.scaling = config.scaling
@@ -66,13 +69,19 @@ class MergeableLoRA(LoRATrainability):
 
     @property
     def lora_weights(self):
-        """The live factor variables, `[A, B]` per target in `lora_targets`
-        order. While merged `B` reads zero: the adapter is in the kernel
-        (its values: `factor_values()`)."""
+        """The adapter's live variables, `[A, B]` per target in
+        `lora_targets` order, and DoRA's magnitude after them when
+        `use_dora`. While merged `B` reads zero: the adapter is in the
+        kernel (its values: `factor_values()`)."""
         try:  # during `build()` too, once the factors exist
-            return [w for t in self.lora_targets for w in self.lora_factors(t)]
+            return [w for t in self.lora_targets for w in self._variables(t)]
         except AttributeError:  # not built yet
             return []
+
+    def _variables(self, target):
+        magnitude = self.lora_magnitude(target)
+        factors = list(self.lora_factors(target))
+        return factors if magnitude is None else [*factors, magnitude]
 
     def require_built(self, method):
         if not self.built:
@@ -130,6 +139,20 @@ class MergeableLoRA(LoRATrainability):
         a, b = self.lora_factors(target)
         return lora.lora_delta(a, b, self.scaling)
 
+    def finish_lora_build(self):
+        """Called at the end of the host's `build()`: a layer built merged
+        starts with its live `B` at zero (the delta is in the kernel), an
+        unmerged one is initialized from its kernels
+        (`initialize_from_base`), and the trainability of every weight
+        follows the settings."""
+        if self._lora_merged:
+            for target in self.lora_targets:
+                b = self.lora_factors(target)[1]
+                b.assign(np.zeros(b.shape, "float32"))
+        else:
+            self.initialize_from_base()
+        self._apply_trainability()
+
     def merged_kernels(self, factors=None, dtype=None):
         """`{target: W + s*A@B}` as NumPy arrays in the kernels' dtype (or
         `dtype`), from the base kernels and the adapter's factors (or
@@ -140,16 +163,23 @@ class MergeableLoRA(LoRATrainability):
         factors = factors or self.factor_values()
         merged = {}
         for target in self.lora_targets:
-            a, b = (factors[w.name] for w in self.lora_factors(target))
-            merged[target] = lora.merged_kernel(
-                self.base_kernel(target),
-                a,
-                b,
-                self.scaling,
-                dtype or self.lora_kernel(target).dtype,
-                self._where(target),
+            merged[target] = self._merged_kernel(
+                target, self.base_kernel(target), factors, dtype
             )
         return merged
+
+    def _merged_kernel(self, target, kernel, factors, dtype=None):
+        a, b = (factors[w.name] for w in self.lora_factors(target))
+        magnitude = self.lora_magnitude(target)
+        return lora.merged_kernel(
+            kernel,
+            a,
+            b,
+            self.scaling,
+            dtype or self.lora_kernel(target).dtype,
+            self._where(target),
+            None if magnitude is None else factors[magnitude.name],
+        )
 
     # -- merging --------------------------------------------------------------
 
@@ -164,8 +194,9 @@ class MergeableLoRA(LoRATrainability):
 
         With `reset=True` the merge is made permanent instead: the merged
         kernel becomes the new frozen base and a fresh adapter starts on it
-        (`A` re-initialized, `B = 0`), so outputs are unchanged and the
-        layer is ready to learn the next batch of new data.
+        (initialized as the layer's `lora_init` says, from the merged
+        kernel), so outputs are unchanged and the layer is ready to learn
+        the next batch of new data.
         """
         self.require_built("merge_lora")
         if not self._lora_merged:
@@ -182,6 +213,7 @@ class MergeableLoRA(LoRATrainability):
                 a.assign(self.lora_a_initializer(a.shape, dtype=a.dtype))
                 b.assign(self.lora_b_initializer(b.shape, dtype=b.dtype))
             self._lora_merged = False
+            self.initialize_from_base()
             self._thaw_factors()
         return self
 
@@ -196,6 +228,11 @@ class MergeableLoRA(LoRATrainability):
             if factors is not None:
                 a.assign(factors[a.name])
             b.assign(np.zeros(b.shape, "float32"))
+            magnitude = self.lora_magnitude(target)
+            if magnitude is not None:  # DoRA's scale reads 1 on the merge
+                merged_kernel = lora.to_numpy(self.lora_kernel(target))
+                norms = variants.column_norms_numpy(merged_kernel)
+                magnitude.assign(norms.astype("float32"))
         self._premerge_kernels = premerge_kernels
         self._premerge_factors = factors
         self._lora_merged = True
@@ -320,6 +357,11 @@ class MergeableLoRA(LoRATrainability):
             self._set_merged(merged, dict(kernels), dict(factors))
         else:
             self._set_unmerged(kernels, factors)
+            if stored.factors is None:
+                # A stock store: the parts of the adapter that come from the
+                # kernel (PiSSA/OLoRA factors, DoRA's magnitude) come from
+                # the kernel just loaded.
+                self.initialize_from_base()
 
     def _own_factors_or_live(self):
         if self._lora_merged and self._premerge_factors is None:
@@ -331,18 +373,10 @@ class MergeableLoRA(LoRATrainability):
         layer is merged (checked finite), else `{}`."""
         if not self._lora_merged:
             return {}
-        merged = {}
-        for target, kernel in kernels.items():
-            a, b = (factors[w.name] for w in self.lora_factors(target))
-            merged[target] = lora.merged_kernel(
-                kernel,
-                a,
-                b,
-                self.scaling,
-                self.lora_kernel(target).dtype,
-                self._where(target),
-            )
-        return merged
+        return {
+            target: self._merged_kernel(target, kernel, factors)
+            for target, kernel in kernels.items()
+        }
 
     def lora_config_entries(self):
         """The constructor arguments this mixin adds, for `get_config`."""

@@ -3,7 +3,6 @@ the factors unless merged, the other (base) weights as
 `trainable_base_weights` says, and all of it where Keras saves it."""
 
 import keras
-import numpy as np
 
 from keras_rnn_lora.host import LoRAHost
 
@@ -33,16 +32,6 @@ class LoRATrainability(LoRAHost):
         self.trainable_base_weights = check_trainable_base_weights(names)
         if self.built:
             self._apply_trainability()
-
-    def finish_lora_build(self):
-        """Called at the end of the host's `build()`: a layer built merged
-        starts with its live `B` at zero (the delta is in the kernel), and
-        the trainability of every weight follows the settings."""
-        if self.lora_merged:
-            for target in self.lora_targets:
-                b = self.lora_factors(target)[1]
-                b.assign(np.zeros(b.shape, "float32"))
-        self._apply_trainability()
 
     def _apply_trainability(self):
         """Sets the base weights' flags from `trainable_base_weights`; the

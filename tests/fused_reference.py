@@ -14,8 +14,8 @@ import collections
 
 import keras
 from keras import ops
-from keras.src import backend as keras_backend  # the entry points Keras calls
 
+from keras_rnn_lora import keras_internals
 from keras_rnn_lora import layers as layers_lib
 
 
@@ -225,7 +225,9 @@ def patch_fused_kernels(monkeypatch):
     the LoRA layers see an accelerator; returns the call counter."""
     CALLS.clear()
     for name, function in KERNELS.items():
-        monkeypatch.setattr(keras_backend, name, function)
+        monkeypatch.setattr(
+            keras_internals.fused_kernel_module(), name, function
+        )
     monkeypatch.setattr(layers_lib, "accelerator_present", lambda: True)
     assert keras.backend.backend() in ("tensorflow", "jax", "torch")
     return CALLS

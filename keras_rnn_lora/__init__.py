@@ -22,6 +22,7 @@ from keras_rnn_lora.layers import LoRALSTM
 from keras_rnn_lora.layers import LoRASimpleRNN
 from keras_rnn_lora.lora import LoRAConfig
 from keras_rnn_lora.lora import lora_scaling
+from keras_rnn_lora.lora_plus import LoRAPlusOptimizer
 from keras_rnn_lora.training import count_parameters
 from keras_rnn_lora.training import lora_summary
 from keras_rnn_lora.training import mark_only_lora_as_trainable
@@ -40,6 +41,7 @@ __all__ = [
     "LoRAGRUCell",
     "LoRALSTM",
     "LoRALSTMCell",
+    "LoRAPlusOptimizer",
     "LoRASimpleRNN",
     "LoRASimpleRNNCell",
     "count_parameters",

@@ -10,6 +10,7 @@ changed shape. Nothing outside this module reads a private Keras name.
 import contextlib
 
 import keras
+from keras.src.optimizers import base_optimizer as keras_base_optimizer
 
 KERAS_VERSION_READ = "3.15.1"
 
@@ -63,7 +64,9 @@ def weights_addable(layer):
 def set_untracked(layer, name, value):
     """Sets `layer.name` without Keras' attribute tracking
     (`Layer.__setattr__` would adopt a layer-like value as a child and
-    track its weights): for short-lived views of a layer's own cell."""
+    track its weights): for short-lived views of a layer's own cell, and
+    for the model weights an optimizer wrapper keeps (`Optimizer`'s
+    tracker would adopt the variables in a list as its own)."""
     object.__setattr__(layer, name, value)
 
 
@@ -120,6 +123,25 @@ def fused_kernel_module():
     return backend
 
 
+# -- optimizers ---------------------------------------------------------------
+
+
+def learning_rate_argument(optimizer):
+    """The learning rate `optimizer` was given, as it keeps it
+    (`Optimizer._learning_rate`): a `keras.Variable` for a number, else the
+    `LearningRateSchedule` or callable itself. The public `learning_rate`
+    evaluates a schedule at the current step, which loses the schedule."""
+    return optimizer._learning_rate
+
+
+def clip_by_global_norm(grads, clip_norm):
+    """Keras' own clipping for `global_clipnorm`
+    (`keras.src.optimizers.base_optimizer.clip_by_global_norm`, which
+    `Optimizer._clip_gradients` calls): `grads` scaled together so that
+    their global norm is at most `clip_norm`; `None` entries stay `None`."""
+    return keras_base_optimizer.clip_by_global_norm(grads, clip_norm)
+
+
 # -- checkpoints --------------------------------------------------------------
 
 
@@ -158,4 +180,7 @@ PRIVATE_NAMES = (
     ("LSTMCell._compute_carry_and_output_fused", keras.layers.LSTMCell),
     ("Layer._tracker", keras.layers.Dense(1)),
     ("BackupAndRestore._save_model", keras.callbacks.BackupAndRestore),
+    # An instance attribute: checked on `SGD()`.
+    ("Optimizer._learning_rate", keras.optimizers.SGD),
+    ("base_optimizer.clip_by_global_norm", keras_base_optimizer),
 )

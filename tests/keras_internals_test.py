@@ -15,7 +15,11 @@ from keras_rnn_lora import keras_internals
 )
 def test_each_private_name_exists(name, owner):
     attribute = name.split(".", 1)[1]
-    assert hasattr(owner, attribute), (
+    # An attribute set in `__init__` is looked for on a default instance.
+    found = hasattr(owner, attribute) or (
+        isinstance(owner, type) and hasattr(owner(), attribute)
+    )
+    assert found, (
         f"Keras {keras.__version__} has no {name}, which "
         "keras_rnn_lora/keras_internals.py relies on (read from Keras "
         f"{keras_internals.KERAS_VERSION_READ})."
@@ -101,3 +105,29 @@ def test_the_atomic_backup_writes_keras_own_files(tmp_path):
     )
     files = sorted(p.name for p in (tmp_path / "backup").iterdir())
     assert files == ["latest.weights.h5", "training_metadata.json"], files
+
+
+@pytest.mark.parametrize(
+    "learning_rate",
+    [0.25, keras.optimizers.schedules.ExponentialDecay(0.5, 10, 0.9)],
+    ids=["float", "schedule"],
+)
+def test_the_learning_rate_argument_is_what_the_optimizer_was_given(
+    learning_rate,
+):
+    optimizer = keras.optimizers.Adam(learning_rate)
+    kept = keras_internals.learning_rate_argument(optimizer)
+    if isinstance(learning_rate, float):
+        assert isinstance(kept, keras.Variable)
+        assert float(to_numpy(kept)) == learning_rate
+    else:
+        assert kept is learning_rate
+
+
+def test_global_norm_clipping_is_keras_own():
+    grads = [keras.ops.convert_to_tensor([3.0, 0.0]), None]
+    grads.append(keras.ops.convert_to_tensor([4.0]))
+    clipped = keras_internals.clip_by_global_norm(grads, 1.0)
+    assert clipped[1] is None
+    np.testing.assert_allclose(to_numpy(clipped[0]), [0.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(clipped[2]), [0.8], rtol=1e-6)

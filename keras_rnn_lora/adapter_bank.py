@@ -29,6 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_rnn_lora import folding
 from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
 from keras_rnn_lora import routing
@@ -205,7 +206,7 @@ class AdapterBank(routing.RoutedFactors):
                 continue
             a, b = (values[w.name] for w in self.lora_factors(target))
             magnitude = values.get(magnitude_name(self.lora_factors(target)[0]))
-            folded[target] = lora.merged_kernel(
+            folded[target] = folding.merged_kernel(
                 kernel,
                 a,
                 b,
@@ -222,7 +223,7 @@ class AdapterBank(routing.RoutedFactors):
         float32; changes nothing."""
         if name == self.active_adapter:
             return self.check_lora_factors(values)
-        return lora.checked_factors(
+        return folding.checked_factors(
             f"'{self.name}': adapter {name!r}",
             self.adapter_shapes(name),
             values,

@@ -11,7 +11,58 @@ from keras import tree
 
 from keras_rnn_lora import keras_internals
 from keras_rnn_lora.cell_base import LoRACellBase
-from keras_rnn_lora.cell_base import fill_docstring
+
+_REFERENCES = """
+    Reference:
+        - [Hu et al., 2021. LoRA: Low-Rank Adaptation of Large Language
+          Models](https://arxiv.org/abs/2106.09685)
+        - "Parameter-Efficient Learning of RNN using LoRA" (the two-stage
+          pre-train / LoRA-update protocol this library reproduces)
+"""
+
+_LORA_ARGS_DOC = """
+        rank: int, the rank `r` of the update, `1 <= rank <= units`.
+        lora_alpha: float > 0, the LoRA alpha. Defaults to `rank` (scale 1).
+        use_rslora: bool, default `False`: scale by `lora_alpha / rank`;
+            `True`: by `lora_alpha / sqrt(rank)` (rank-stabilised LoRA).
+        lora_dropout: float in `[0, 1)`, default 0. Dropout on the input of
+            the LoRA branch, in training only. As with Keras' own RNN
+            dropout, one mask is drawn per sequence and reused at every step.
+        lora_targets: which kernels get a LoRA update, from
+            `("kernel", "recurrent")`. Defaults to `("recurrent",)`: the
+            hidden-state matrix only.
+        lora_a_initializer: initializer for the `A` factors. Default
+            `"he_uniform"`.
+        lora_b_initializer: initializer for the `B` factors. Default
+            `"zeros"`, so a fresh adapter leaves the outputs unchanged.
+        use_dora: bool, default `False`. DoRA: each adapted kernel acts as
+            `m * (W + s*A@B) / column_norm(W + s*A@B)`, with a trainable
+            magnitude `m` per column (`lora_<kernel>_magnitude`),
+            initialized to the column norms of `W`. The norm is computed once
+            per call of the RNN layer, the step stays factored.
+        lora_init: `"default"` (the initializers above), `"pissa"` or
+            `"olora"`: `A` and `B` from the kernel's top singular vectors or
+            its QR decomposition, the frozen kernel becoming the residual
+            `W - s*A@B` (outputs unchanged).
+        lora_merged: bool, default `False`. Whether the cell starts merged
+            (set by `get_config` so the merged state survives saving).
+        trainable_base_weights: `None` (default: every unadapted weight
+            trains, as in the stock cell) or the names of those that do
+            (`()`: only the adapter; set by `mark_only_lora_as_trainable`).
+        named_adapters: the adapters the cell holds besides the live one,
+            by name, as `LoRAConfig` dicts (set by `get_config`; see
+            `keras_rnn_lora.add_adapter`).
+        active_adapter: the name of the live adapter, default `"default"`.
+"""
+
+
+def fill_docstring(cls):
+    """Fills the `{lora_args}` and `{references}` slots of a cell's
+    docstring."""
+    cls.__doc__ = cls.__doc__.replace(
+        "{lora_args}", _LORA_ARGS_DOC.strip()
+    ).replace("{references}", _REFERENCES.strip())
+    return cls
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")

@@ -19,6 +19,7 @@ reverse) without applying the delta twice or dropping it.
 
 import numpy as np
 
+from keras_rnn_lora import folding
 from keras_rnn_lora import lora
 from keras_rnn_lora import lora_store
 from keras_rnn_lora import variants
@@ -182,7 +183,7 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels, AdapterBank):
     def _merged_kernel(self, target, kernel, factors, dtype=None):
         a, b = (factors[w.name] for w in self.lora_factors(target))
         magnitude = self.lora_magnitude(target)
-        return lora.merged_kernel(
+        return folding.merged_kernel(
             kernel,
             a,
             b,
@@ -274,7 +275,7 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels, AdapterBank):
         would take them, changing nothing: names, shapes, finite values and,
         while merged, a finite merged kernel. Returns them as float32."""
         self.require_built("set_lora_factors")
-        arrays = lora.checked_factors(
+        arrays = folding.checked_factors(
             f"'{self.name}'",
             {w.name: w.shape for w in self.lora_weights},
             values,

@@ -9,6 +9,7 @@ from conftest import to_numpy
 
 import keras_rnn_lora
 from keras_rnn_lora import LoRAConfig
+from keras_rnn_lora import folding
 from keras_rnn_lora import lora
 
 
@@ -118,12 +119,12 @@ def test_merged_kernel_refuses_non_finite_results():
     base = np.ones((2, 3), "float32")
     a, b = np.ones((2, 1), "float32"), np.ones((1, 3), "float32")
     np.testing.assert_allclose(
-        lora.merged_kernel(base, a, b, 0.5, "float32", "x"), base + 0.5
+        folding.merged_kernel(base, a, b, 0.5, "float32", "x"), base + 0.5
     )
     with pytest.raises(ValueError, match="merged kernel of x.*6 non-finite"):
-        lora.merged_kernel(base, a * 1e30, b * 1e30, 1.0, "float32", "x")
+        folding.merged_kernel(base, a * 1e30, b * 1e30, 1.0, "float32", "x")
     with pytest.raises(ValueError, match="non-finite"):
-        lora.merged_kernel(base, a, b * 300, 300.0, "float16", "x")
+        folding.merged_kernel(base, a, b * 300, 300.0, "float16", "x")
 
 
 def test_cell_defaults_are_the_config_defaults():

@@ -1,7 +1,7 @@
 """The special token ids every part of the translator agrees on.
 
 The SentencePiece models are trained with these ids fixed (see
-`preprocessing.train_sentencepiece`); the model masks `PAD_ID`, decoding
+`sentencepiece_models.train_sentencepiece`); the model masks `PAD_ID`, decoding
 starts from `START_ID` and stops at `END_ID`. Defined here once, with no
 TensorFlow import, so that the model and decoding can use them too.
 """

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 from conftest import iwslt_dir
 
 from keras_rnn_lora.translation import iwslt2017
+from keras_rnn_lora.translation import iwslt2017_archive
 from keras_rnn_lora.translation import iwslt2017_tfds
 from keras_rnn_lora.translation.iwslt2017 import IWSLTDataError
 
@@ -303,12 +304,12 @@ def test_concurrent_unpackers_of_one_archive_agree(tmp_path, monkeypatch):
         real_extractall(self, *args, **kwargs)
         if not others:
             others.append(None)  # the other one runs once
-            others[0] = iwslt2017.extract_archive(str(archive), cache)
+            others[0] = iwslt2017_archive.extract_archive(str(archive), cache)
 
     monkeypatch.setattr(
         tarfile.TarFile, "extractall", extract_while_another_finishes
     )
-    folder = iwslt2017.extract_archive(str(archive), cache)
+    folder = iwslt2017_archive.extract_archive(str(archive), cache)
     assert others == [folder]
     pairs, _ = iwslt2017.read_split(folder, "train")
     assert pairs[0] == ("Hello world.", "Hallo Welt.")

@@ -8,8 +8,8 @@ from conftest import iwslt_dir
 from keras_rnn_lora.translation import iwslt2017
 from keras_rnn_lora.translation import tokens
 from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
-from keras_rnn_lora.translation.preprocessing import load_tokenizer
 from keras_rnn_lora.translation.preprocessing import padding_fraction
+from keras_rnn_lora.translation.sentencepiece_models import load_tokenizer
 
 GERMAN = [
     "Die Staaten, über Größe und Maß: «Äpfel»!",

@@ -228,7 +228,7 @@ def test_interrupted_export_leaves_no_version(
 ):
     model, preprocessor = translator
 
-    def crash(path, name):
+    def crash(path, name, adapters=None):
         os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
         raise OSError("disk full while writing the warmup file")
 

@@ -3,11 +3,16 @@
 REST (default): `POST <server>/v1/models/<name>:predict` with
 `{"instances": [{"text": ...}, ...]}`, TF Serving's row format; gRPC
 (`--grpc host:port`) uses tensorflow-serving-api's PredictionService.
+`--adapter NAME` asks a multi-adapter export (`export_translator(...,
+adapters=...)`) for adapter NAME: every instance then carries it
+(`{"text": ..., "adapter": NAME}`; over gRPC an `adapter` input beside
+`text`); `""` is the export's default adapter, `"base"` none.
 Takes a second; needs a server started as in the README, e.g.
 
     tensorflow_model_server --rest_api_port=8501 --model_name=iwslt_en_de \\
         --model_base_path="$PWD/saved_models/iwslt_en_de"
     python examples/serving_client.py "Thank you so much, Chris."
+    python examples/serving_client.py --adapter news "Thank you."
 """
 
 import argparse
@@ -18,12 +23,21 @@ MODEL_NAME = "iwslt_en_de"
 REST_URL = "http://localhost:8501"
 
 
-def predict_rest(url, name, sentences, timeout=30.0):
-    """TF Serving's REST predict call: one `text` per instance."""
-    body = json.dumps({"instances": [{"text": s} for s in sentences]})
+def rest_body(sentences, adapter=None):
+    """The REST request body: one `text` per instance, and `adapter` in
+    every instance when one is given."""
+    if adapter is None:
+        instances = [{"text": s} for s in sentences]
+    else:
+        instances = [{"text": s, "adapter": adapter} for s in sentences]
+    return json.dumps({"instances": instances})
+
+
+def predict_rest(url, name, sentences, timeout=30.0, adapter=None):
+    """TF Serving's REST predict call (see `rest_body`)."""
     request = urllib.request.Request(
         f"{url}/v1/models/{name}:predict",
-        data=body.encode(),
+        data=rest_body(sentences, adapter).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
@@ -31,12 +45,11 @@ def predict_rest(url, name, sentences, timeout=30.0):
         return json.loads(response.read())["predictions"]
 
 
-def predict_grpc(target, name, sentences, timeout=30.0):
-    """The same call over gRPC, with tensorflow-serving-api."""
-    import grpc
+def grpc_request(name, sentences, adapter=None):
+    """The gRPC `PredictRequest`: `text`, and `adapter` (one per sentence)
+    when one is given."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
@@ -44,6 +57,20 @@ def predict_grpc(target, name, sentences, timeout=30.0):
     request.inputs["text"].CopyFrom(
         tf.make_tensor_proto(sentences, dtype=tf.string)
     )
+    if adapter is not None:
+        request.inputs["adapter"].CopyFrom(
+            tf.make_tensor_proto([adapter] * len(sentences), dtype=tf.string)
+        )
+    return request
+
+
+def predict_grpc(target, name, sentences, timeout=30.0, adapter=None):
+    """The same call over gRPC, with tensorflow-serving-api."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    request = grpc_request(name, sentences, adapter)
     with grpc.insecure_channel(target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         response = stub.Predict(request, timeout)
@@ -58,11 +85,19 @@ def main():
     parser.add_argument("--rest", default=REST_URL, help="server URL")
     parser.add_argument("--grpc", help="host:port: use gRPC instead of REST")
     parser.add_argument("--model-name", default=MODEL_NAME)
+    parser.add_argument(
+        "--adapter",
+        help="the adapter of a multi-adapter export to translate with "
+        "(default: send none, as to a single-model export)",
+    )
     args = parser.parse_args()
-    if args.grpc:
-        translations = predict_grpc(args.grpc, args.model_name, args.sentences)
-    else:
-        translations = predict_rest(args.rest, args.model_name, args.sentences)
+    predict = predict_grpc if args.grpc else predict_rest
+    translations = predict(
+        args.grpc or args.rest,
+        args.model_name,
+        args.sentences,
+        adapter=args.adapter,
+    )
     for sentence, translation in zip(args.sentences, translations, strict=True):
         print(f"{sentence}\n  -> {translation}")
 

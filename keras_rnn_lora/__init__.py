@@ -31,6 +31,7 @@ from keras_rnn_lora.named_adapters import disable_adapters
 from keras_rnn_lora.named_adapters import list_adapters
 from keras_rnn_lora.named_adapters import routed_call
 from keras_rnn_lora.named_adapters import set_adapter
+from keras_rnn_lora.stacked_adapters import add_stacked_adapter
 from keras_rnn_lora.training import count_parameters
 from keras_rnn_lora.training import lora_summary
 from keras_rnn_lora.training import mark_only_lora_as_trainable
@@ -54,6 +55,7 @@ __all__ = [
     "LoRASimpleRNNCell",
     "active_adapter",
     "add_adapter",
+    "add_stacked_adapter",
     "call_with_adapters",
     "count_parameters",
     "delete_adapter",

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -229,7 +228,7 @@ def test_interrupted_export_leaves_no_version(
 ):
     model, preprocessor = translator
 
-    def crash(path, name):
+    def crash(path, name, adapters=None):
         os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
         raise OSError("disk full while writing the warmup file")
 
@@ -246,79 +245,6 @@ def test_interrupted_export_leaves_no_version(
         export.export_translator(model, with_length(preprocessor, 4), tmp_path)
     assert os.listdir(tmp_path / "iwslt_en_de") == []
     keras.backend.clear_session()
-
-
-SERVER = textwrap.dedent(
-    """
-    import json, sys, threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-    import tensorflow as tf
-    import tensorflow_text
-    serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            # TF Serving's REST predict API, row format, one named input.
-            assert self.path == "/v1/models/iwslt_en_de:predict", self.path
-            size = int(self.headers["Content-Length"])
-            body = json.loads(self.rfile.read(size))
-            texts = [row["text"] if isinstance(row, dict) else row
-                     for row in body["instances"]]
-            out = serve(text=tf.constant(texts, tf.string))["translation"]
-            reply = {"predictions": [t.decode() for t in out.numpy()]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    print(server.server_port, flush=True)
-    server.serve_forever()
-    """
-)
-
-
-@tensorflow_only
-def test_serving_client_rest_request(translator, tmp_path):
-    model, preprocessor = translator
-    path = export.export_translator(model, preprocessor, tmp_path)
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVER, path],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        port = int(server.stdout.readline())
-        client = os.path.join(
-            os.path.dirname(__file__),
-            "..",
-            "..",
-            "examples",
-            "serving_client.py",
-        )
-        result = subprocess.run(
-            [
-                sys.executable,
-                client,
-                "--rest",
-                f"http://127.0.0.1:{port}",
-                *SENTENCES,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        server.kill()
-    assert result.returncode == 0, result.stderr[-2000:]
-    expected = evaluation.translate(model, preprocessor, SENTENCES)
-    for sentence, translation in zip(SENTENCES, expected, strict=True):
-        assert f"{sentence}\n  -> {translation}" in result.stdout
 
 
 # -- versions under concurrency, interrupted overwrites, stale folders --------

@@ -164,7 +164,10 @@ def delete_adapter(model, name):
 def disable_adapters(model):
     """Within the block the model computes its base: every adapter off
     (merged ones too). The adapters' values are restored on leaving, even
-    after an error."""
+    after an error. The base is the frozen kernels: after a PiSSA or OLoRA
+    conversion, the residual `W - s*A0@B0`, not the pre-trained `W` (as
+    in PEFT); the same holds for `"base"` in a mixed batch and the
+    export."""
     adapters = require_adapters(model, "disable_adapters")
     saved = []
     try:
@@ -213,8 +216,10 @@ def adapter_ids(model, adapters):
                     f"model '{model.name}' has {names}."
                 )
             ids.append(names.index(adapter))
-        elif isinstance(adapter, (int, np.integer)) and -1 <= adapter < len(
-            names
+        elif (
+            isinstance(adapter, (int, np.integer))
+            and not isinstance(adapter, bool)
+            and -1 <= adapter < len(names)
         ):
             ids.append(int(adapter))
         else:

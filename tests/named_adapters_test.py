@@ -289,6 +289,20 @@ def test_merge_and_to_base_model_take_the_adapter_to_fold_in():
     [
         (lambda m: keras_rnn_lora.add_adapter(m, "news"), "already has"),
         (lambda m: keras_rnn_lora.add_adapter(m, "a b"), "`name`"),
+        (lambda m: keras_rnn_lora.add_adapter(m, "base"), "reserved"),
+        (lambda m: keras_rnn_lora.add_adapter(m, "all"), "reserved"),
+        (
+            lambda m: keras_rnn_lora.enable_lora(
+                functional_model(), rank=2, adapter_name="base"
+            ),
+            "reserved",
+        ),
+        (
+            lambda m: keras_rnn_lora.call_with_adapters(
+                m, x_batch(), [True] * 3
+            ),
+            "invalid adapter True",
+        ),
         (
             lambda m: keras_rnn_lora.add_adapter(m, "x", lora_init="pissa"),
             "`lora_init`",

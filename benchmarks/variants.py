@@ -290,6 +290,9 @@ def main():
         if rounds:
             print(f"{name}: {rounds} rounds of DoRA and LoRA steps", flush=True)
             results["steps"][name] = measure_steps(SIZES[name], rounds)
+    # Written now and again after the initialization, the slow part: an
+    # interrupted run keeps its step figures.
+    harness.write_results(f"variants_{backend}", results)
     if args.init_rounds:
         print(
             f"initialization at {args.init_units} units: "
@@ -297,7 +300,7 @@ def main():
             flush=True,
         )
         results["init"] = measure_init(args.init_units, args.init_rounds)
-    harness.write_results(f"variants_{backend}", results)
+        harness.write_results(f"variants_{backend}", results)
     if results["steps"]:
         harness.print_table(
             STEP_HEADER,

@@ -21,6 +21,7 @@ import keras
 
 from keras_rnn_lora import config_rewrite
 from keras_rnn_lora import lora
+from keras_rnn_lora import variants
 from keras_rnn_lora.adapter_bank import check_adapter_name
 from keras_rnn_lora.merging import MergeableLoRA
 from keras_rnn_lora.training import compile_like
@@ -168,7 +169,8 @@ def enable_lora(
     # Compiled afresh below: an optimizer built now would cover weights that
     # `mark_only_lora_as_trainable` is about to freeze.
     new_config.pop("compile_config", None)
-    lora_model = keras.saving.deserialize_keras_object(new_config)
+    with variants.initialization_deferred():  # initialized below
+        lora_model = keras.saving.deserialize_keras_object(new_config)
     _copy_base_weights(model, lora_model)
     carried = _copy_adapters(model, lora_model)
     # The new adapters start from the trained kernels just copied in (they

@@ -160,7 +160,7 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels, AdapterBank):
             for target in self.lora_targets:
                 b = self.lora_factors(target)[1]
                 b.assign(np.zeros(b.shape, "float32"))
-        else:
+        elif not variants.is_initialization_deferred():
             self.initialize_from_base()
         self.build_bank()
         self._apply_trainability()

@@ -17,6 +17,9 @@ it computed before. Factors follow PEFT's: PiSSA splits the singular values
 evenly between the two (divided by the scale), OLoRA takes `Q` and `R`.
 """
 
+import contextlib
+import contextvars
+
 import numpy as np
 from keras import ops
 
@@ -77,8 +80,11 @@ def principal_factors(kernel, rank, scaling, method):
         a = u[:, :rank] * root
         b = root[:, None] * vt[:rank]
     elif method == "olora":
-        q, r = np.linalg.qr(matrix)
-        a, b = q[:, :rank], r[:rank]
+        # The first `rank` columns of Q depend on the first `rank` columns
+        # of the kernel alone, and R's first rows are Q's columns times it:
+        # no full decomposition.
+        a, _ = np.linalg.qr(matrix[:, :rank])
+        b = a.T @ matrix
     else:
         raise ValueError(f"No principal factors for lora_init={method!r}.")
     missing = rank - a.shape[1]  # a kernel with fewer rows than `rank`
@@ -87,6 +93,26 @@ def principal_factors(kernel, rank, scaling, method):
         b = np.pad(b, ((0, missing), (0, 0)))
     a = a.reshape(*leading, rank)
     return a.astype("float32"), b.astype("float32")
+
+
+_DEFERRED = contextvars.ContextVar("keras_rnn_lora_deferred", default=False)
+
+
+@contextlib.contextmanager
+def initialization_deferred():
+    """Within the block, layers built skip `initialize_from_base`: their
+    kernels are about to be replaced (`enable_lora` copies the trained ones
+    in, then initializes), so a PiSSA SVD of the random kernel would be
+    wasted."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def is_initialization_deferred():
+    return _DEFERRED.get()
 
 
 def add_magnitude(layer, prefix, output_dim):

@@ -23,8 +23,6 @@ factored: `h@W + (h@A_b)@B_b` per example `b`, with DoRA's column scale
 gathered alike. An example routed to no adapter computes the base model.
 """
 
-import re
-
 import keras
 import numpy as np
 from keras import ops
@@ -34,35 +32,12 @@ from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
 from keras_rnn_lora import routing
 from keras_rnn_lora import variants
+from keras_rnn_lora.checks import check_adapter_name
 from keras_rnn_lora.routing import magnitude_name
 from keras_rnn_lora.routing import name_key
 
 #: The name of the adapter a layer is converted with.
 DEFAULT_ADAPTER = "default"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-#: Names that mean something else where an adapter is chosen: `"base"`
-#: is the model without any adapter, `"all"` every adapter of a file.
-RESERVED_NAMES = ("base", "all")
-
-
-def check_adapter_name(name):
-    """`name`, or a `ValueError`: letters, digits, `_`, `.`, `-` (at most
-    64, not starting with a separator), not one of `RESERVED_NAMES`."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or "__" in name:
-        raise ValueError(
-            "Received an invalid value for `name`, expected 1-64 letters, "
-            "digits, '_', '.' or '-' (starting with a letter or digit, no "
-            f"'__'). Received: name={name!r}"
-        )
-    if name in RESERVED_NAMES:
-        raise ValueError(
-            f"Received an invalid value for `name`: {name!r} is reserved "
-            "('base' chooses the model without adapters, 'all' every "
-            "adapter). Choose another name."
-        )
-    return name
 
 
 def bank_weight_name(adapter, factor):

@@ -6,6 +6,7 @@ for every invalid argument, naming it, what was expected and what came in:
 """
 
 import numbers
+import re
 
 
 def invalid(argument, expected, value):
@@ -32,3 +33,29 @@ def check_positive_int(argument, value):
     if not is_int(value) or value < 1:
         raise invalid(argument, "a positive integer", value)
     return int(value)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+#: Names that mean something else where an adapter is chosen: `"base"`
+#: is the model without any adapter, `"all"` every adapter of a file.
+RESERVED_NAMES = ("base", "all")
+
+
+def check_adapter_name(name):
+    """`name`, or a `ValueError`: letters, digits, `_`, `.`, `-` (at most
+    64, not starting with a separator), not one of `RESERVED_NAMES`."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or "__" in name:
+        raise ValueError(
+            "Received an invalid value for `name`, expected 1-64 letters, "
+            "digits, '_', '.' or '-' (starting with a letter or digit, no "
+            f"'__'). Received: name={name!r}"
+        )
+    if name in RESERVED_NAMES:
+        raise ValueError(
+            f"Received an invalid value for `name`: {name!r} is reserved "
+            "('base' chooses the model without adapters, 'all' every "
+            "adapter). Choose another name."
+        )
+    return name

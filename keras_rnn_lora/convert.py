@@ -22,7 +22,7 @@ import keras
 from keras_rnn_lora import config_rewrite
 from keras_rnn_lora import lora
 from keras_rnn_lora import variants
-from keras_rnn_lora.adapter_bank import check_adapter_name
+from keras_rnn_lora.checks import check_adapter_name
 from keras_rnn_lora.merging import MergeableLoRA
 from keras_rnn_lora.training import compile_like
 from keras_rnn_lora.walk import at_layer

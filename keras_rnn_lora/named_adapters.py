@@ -23,7 +23,7 @@ import numpy as np
 from keras_rnn_lora import lora
 from keras_rnn_lora import routing
 from keras_rnn_lora import variants
-from keras_rnn_lora.adapter_bank import check_adapter_name
+from keras_rnn_lora.checks import check_adapter_name
 from keras_rnn_lora.training import recompile
 from keras_rnn_lora.walk import at_layer
 from keras_rnn_lora.walk import require_adapters

@@ -17,7 +17,7 @@ the base. Its rank is the sum of the ranks, and so is its per-step cost.
 
 import numpy as np
 
-from keras_rnn_lora.adapter_bank import check_adapter_name
+from keras_rnn_lora.checks import check_adapter_name
 from keras_rnn_lora.named_adapters import NO_ADAPTER
 from keras_rnn_lora.named_adapters import list_adapters
 from keras_rnn_lora.training import recompile

@@ -14,14 +14,9 @@ Usage: KERAS_BACKEND=torch python benchmarks/cold_start.py [--rounds 5]
 About half a minute per backend on a 2-core CPU.
 """
 
-import argparse
-import json
-import os
+import harness
 
-from keras_rnn_lora.measurement import in_fresh_process
 from keras_rnn_lora.measurement import summary
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 LAYERS = {
     "stock GRU": "keras.layers.GRU(64)",
@@ -33,11 +28,12 @@ import resource, sys, time
 start = time.perf_counter()
 import keras, numpy as np
 import keras_rnn_lora
-from keras_rnn_lora.measurement import report
 layer = {layer}
 layer(np.zeros((2, 5, 8), "float32"))
+seconds = time.perf_counter() - start
+from harness import report
 report({{
-    "seconds": time.perf_counter() - start,
+    "seconds": seconds,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "tensorflow_imported": "tensorflow" in sys.modules,
 }})
@@ -45,14 +41,14 @@ report({{
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    args = harness.parser(__doc__, rounds=5).parse_args()
+    backend = harness.backend()
     runs = {name: [] for name in LAYERS}
     for _ in range(args.rounds):
         for name, layer in LAYERS.items():
-            runs[name].append(in_fresh_process(SCRIPT.format(layer=layer)))
+            runs[name].append(
+                harness.in_fresh_process(SCRIPT.format(layer=layer))
+            )
     results = {
         name: {
             "seconds": summary(r["seconds"] for r in values),
@@ -63,24 +59,23 @@ def main():
         }
         for name, values in runs.items()
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"cold_start_{backend}.json")
-    with open(path, "w") as file:
-        json.dump(
-            {"backend": backend, "rounds": args.rounds, "layers": results},
-            file,
-            indent=2,
-        )
-    print(f"wrote {path}\n")
-    print(f"| {backend} | seconds | peak RSS MB | imports TensorFlow |")
-    print("|---|---:|---:|---|")
-    for name, r in results.items():
-        s, m = r["seconds"], r["peak_rss_mb"]
-        print(
-            f"| {name} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) "
-            f"| {m['median']:.0f} ({m['min']:.0f}-{m['max']:.0f}) "
-            f"| {'yes' if r['tensorflow_imported'] else 'no'} |"
-        )
+    harness.write_results(
+        f"cold_start_{backend}",
+        {"backend": backend, "rounds": args.rounds, "layers": results},
+    )
+    harness.print_table(
+        [backend, "seconds", "peak RSS MB", "imports TensorFlow"],
+        [
+            [
+                name,
+                harness.median_range(r["seconds"], ".2f"),
+                harness.median_range(r["peak_rss_mb"], ".0f"),
+                "yes" if r["tensorflow_imported"] else "no",
+            ]
+            for name, r in results.items()
+        ],
+        align="lrrl",
+    )
 
 
 if __name__ == "__main__":

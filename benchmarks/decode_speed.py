@@ -16,21 +16,15 @@ Usage: KERAS_BACKEND=jax python benchmarks/decode_speed.py [--rounds 5]
 About a minute per backend on a 2-core CPU.
 """
 
-import argparse
-import json
-import os
 import statistics
 import time
 
-import keras
+import harness
+import networks
 import numpy as np
 from keras import ops
 
-from keras_rnn_lora.translation import build_translator
-from keras_rnn_lora.translation import compiled_decoder
 from keras_rnn_lora.translation.tokens import START_ID
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def rerun_prefix(model, source, steps):
@@ -55,17 +49,13 @@ def timed(fn):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
+    parser = harness.parser(__doc__, rounds=5)
+    parser.add_argument("--steps", type=harness.positive_int, default=20)
     args = parser.parse_args()
-    keras.utils.set_random_seed(0)
-    model = build_translator(8000, 8000)
-    decoder = compiled_decoder(model, max_length=args.steps)
-    rng = np.random.default_rng(0)
+    model, decoder = networks.greedy_decoder(args.steps)
     results = {}
     for batch in (1, 64):
-        source = rng.integers(4, 8000, (batch, 20)).astype("int32")
+        source = networks.source_sentences(batch, seed=batch)
         modes = {
             "incremental": lambda s=source: decoder(s)[0],
             "prefix re-run": lambda s=source: rerun_prefix(
@@ -88,30 +78,34 @@ def main():
         pairs = zip(times["incremental"], times["prefix re-run"], strict=True)
         ratio = statistics.median([p / i for i, p in pairs])
         results[f"speedup, batch {batch}"] = ratio
-    backend = keras.backend.backend()
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"decode_speed_{backend}.json")
-    with open(path, "w") as file:
-        json.dump(
-            {"backend": backend, "steps": args.steps, **results}, file, indent=2
+    backend = harness.backend()
+    harness.write_results(
+        f"decode_speed_{backend}",
+        {"backend": backend, "steps": args.steps, **results},
+    )
+    for batch in (1, 64):
+        print(
+            f"incremental / prefix re-run speedup, batch {batch}: "
+            f"{results[f'speedup, batch {batch}']:.1f}x (median of pairs)"
         )
-    print(f"\nbackend {backend}, {args.steps} steps, {args.rounds} rounds\n")
-    print("| decoder | batch | sentences/s median (min-max) |")
-    print("|---|---:|---:|")
+    rows = []
     for key, r in results.items():
         if key.startswith("speedup"):
             continue
         mode, batch = key.split(", batch ")
         low, high = r["sentences_per_s_min"], r["sentences_per_s_max"]
-        print(
-            f"| {mode} | {batch} | {r['sentences_per_s_median']:,.1f} "
-            f"({low:,.1f}-{high:,.1f}) |"
+        rows.append(
+            [
+                mode,
+                batch,
+                f"{r['sentences_per_s_median']:,.1f} ({low:,.1f}-{high:,.1f})",
+            ]
         )
-    for batch in (1, 64):
-        print(
-            f"\nincremental / prefix re-run speedup, batch {batch}: "
-            f"{results[f'speedup, batch {batch}']:.1f}x (median of pairs)"
-        )
+    harness.print_table(
+        ["decoder", "batch", "sentences/s median (min-max)"],
+        rows,
+        title=f"backend {backend}, {args.steps} steps, {args.rounds} rounds",
+    )
 
 
 if __name__ == "__main__":

@@ -16,14 +16,12 @@ About a minute per backend on a 2-core CPU. Writes
 benchmarks/results/lora_targets_<backend>.json and prints a markdown table.
 """
 
-import argparse
-import json
-import os
-
+import harness
 import keras
 import numpy as np
 
 import keras_rnn_lora
+from keras_rnn_lora import count_parameters
 from keras_rnn_lora.measurement import interleaved_times
 from keras_rnn_lora.measurement import ratio_summary
 from keras_rnn_lora.translation import build_translator
@@ -36,24 +34,17 @@ TARGET_SETS = {
     "+ Embedding": ("kernel", "recurrent", "dense", "embedding"),
 }
 VOCAB = 4000
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--length", type=int, default=30)
-    args = parser.parse_args()
-    for name in ("rounds", "rank", "batch_size", "length"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
-
-
-def trainable_count(model):
-    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    parser = harness.parser(__doc__, rounds=7)
+    for name, default in (
+        ("--rank", 8),
+        ("--batch-size", 64),
+        ("--length", 30),
+    ):
+        parser.add_argument(name, type=harness.positive_int, default=default)
+    return parser.parse_args()
 
 
 def main():
@@ -77,7 +68,7 @@ def main():
     steps, params = {}, {}
     for name, model in models.items():
         compile_translator(model, learning_rate=1e-3, label_smoothing=0.1)
-        params[name] = trainable_count(model)
+        params[name] = count_parameters(model.trainable_weights)
 
         def step(model=model):
             model.train_on_batch((source, decoder_inputs), targets)
@@ -92,26 +83,27 @@ def main():
         }
         for name in models
     }
-    backend = keras.backend.backend()
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"lora_targets_{backend}.json"), "w") as f:
-        json.dump({"settings": vars(args), "rows": rows}, f, indent=2)
-    total = trainable_count(base)
-    print(
-        f"{backend}: default translator ({total:,} weights), rank "
-        f"{args.rank}, batch {args.batch_size} x {args.length}, "
-        f"{args.rounds} interleaved rounds"
+    backend = harness.backend()
+    harness.write_results(
+        f"lora_targets_{backend}", {"settings": vars(args), "rows": rows}
     )
-    print("| targets | trainable params | share | step ms | step / full |")
-    print("|---|---:|---:|---:|---:|")
-    for name, row in rows.items():
-        ratio = row["ratio_to_full"]
-        print(
-            f"| {name} | {row['trainable_params']:,} | "
-            f"{100 * row['trainable_params'] / total:.2f}% | "
-            f"{row['step_ms_median']:.1f} | {ratio['median']:.3f} "
-            f"({ratio['min']:.3f}-{ratio['max']:.3f}) |"
-        )
+    total = count_parameters(base.trainable_weights)
+    harness.print_table(
+        ["targets", "trainable params", "share", "step ms", "step / full"],
+        [
+            [
+                name,
+                f"{row['trainable_params']:,}",
+                f"{100 * row['trainable_params'] / total:.2f}%",
+                f"{row['step_ms_median']:.1f}",
+                harness.median_range(row["ratio_to_full"]),
+            ]
+            for name, row in rows.items()
+        ],
+        title=f"{backend}: default translator ({total:,} weights), rank "
+        f"{args.rank}, batch {args.batch_size} x {args.length}, "
+        f"{args.rounds} interleaved rounds",
+    )
 
 
 if __name__ == "__main__":

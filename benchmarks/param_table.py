@@ -1,15 +1,19 @@
-"""Prints the trainable-parameter table of the README from real cells.
+"""Prints the trainable-parameter table of docs/performance.md from real
+cells.
 
 For each cell, size and rank: the size of the frozen recurrent kernel, the
-LoRA factors that replace it as the trainable part, and their ratio.
+LoRA factors that replace it as the trainable part, and their ratio. A
+count, not a measurement: it writes no JSON.
+
 Usage: python benchmarks/param_table.py   (a few seconds, any backend)
 """
 
-import numpy as np
+import harness
 
 from keras_rnn_lora import LoRAGRUCell
 from keras_rnn_lora import LoRALSTMCell
 from keras_rnn_lora import LoRASimpleRNNCell
+from keras_rnn_lora import count_parameters
 
 CELLS = {
     "SimpleRNN": LoRASimpleRNNCell,
@@ -21,24 +25,30 @@ RANKS = (4, 8)
 INPUT_DIM = 256
 
 
-def size(weights):
-    return sum(int(np.prod(w.shape)) for w in weights)
-
-
 def main():
-    print("| cell | units | rank | recurrent kernel | LoRA factors | ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
+    harness.parser(__doc__).parse_args()
+    rows = []
     for name, cls in CELLS.items():
         for units in UNITS:
             for rank in RANKS:
                 cell = cls(units, rank=rank)
                 cell.build((None, INPUT_DIM))
-                kernel = size([cell.recurrent_kernel])
-                factors = size(cell.lora_weights)
-                print(
-                    f"| {name} | {units} | {rank} | {kernel:,} | "
-                    f"{factors:,} | {100 * factors / kernel:.2f}% |"
+                kernel = count_parameters([cell.recurrent_kernel])
+                factors = count_parameters(cell.lora_weights)
+                rows.append(
+                    [
+                        name,
+                        units,
+                        rank,
+                        f"{kernel:,}",
+                        f"{factors:,}",
+                        f"{100 * factors / kernel:.2f}%",
+                    ]
                 )
+    harness.print_table(
+        ["cell", "units", "rank", "recurrent kernel", "LoRA factors", "ratio"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

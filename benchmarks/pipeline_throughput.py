@@ -11,18 +11,16 @@ Usage: IWSLT2017_DIR=../shared/data/iwslt2017-en-de \
 About a minute on a 2-core CPU.
 """
 
-import argparse
-import json
 import os
-import statistics
 import time
 
+import harness
+
+from keras_rnn_lora.measurement import summary
 from keras_rnn_lora.translation import iwslt2017_tfds
 from keras_rnn_lora.translation import read_pairs
 from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
 from keras_rnn_lora.translation.preprocessing import padding_fraction
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def run_once(pairs, preprocessor, bucketed, seed):
@@ -39,10 +37,8 @@ def run_once(pairs, preprocessor, bucketed, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--pairs", type=int, default=20000)
-    parser.add_argument("--data-dir", default=os.environ.get("IWSLT2017_DIR"))
+    parser = harness.parser(__doc__, rounds=5, data_dir=True)
+    parser.add_argument("--pairs", type=harness.positive_int, default=20000)
     args = parser.parse_args()
     pairs = read_pairs("train", args.data_dir, max_pairs=args.pairs)
     directory = os.path.join(iwslt2017_tfds.prepared_dir(args.data_dir), "tok")
@@ -58,27 +54,25 @@ def main():
             speeds[mode].append(speed)
     results = {
         mode: {
-            "pairs_per_s_median": statistics.median(values),
-            "pairs_per_s_min": min(values),
-            "pairs_per_s_max": max(values),
+            "pairs_per_s": summary(values),
             "padding_fraction": padding_fraction(datasets[mode]),
         }
         for mode, values in speeds.items()
     }
     results["config"] = {"pairs": len(pairs), "rounds": args.rounds}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "pipeline_throughput.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\n{len(pairs):,} pairs, {args.rounds} rounds A B A B\n")
-    print("| batching | pairs/s median (min-max) | padding fraction |")
-    print("|---|---:|---:|")
-    for mode in ("plain", "bucketed"):
-        r = results[mode]
-        print(
-            f"| {mode} | {r['pairs_per_s_median']:,.0f} "
-            f"({r['pairs_per_s_min']:,.0f}-{r['pairs_per_s_max']:,.0f}) | "
-            f"{r['padding_fraction']:.3f} |"
-        )
+    harness.write_results("pipeline_throughput", results)
+    harness.print_table(
+        ["batching", "pairs/s median (min-max)", "padding fraction"],
+        [
+            [
+                mode,
+                harness.median_range(results[mode]["pairs_per_s"], ",.0f"),
+                f"{results[mode]['padding_fraction']:.3f}",
+            ]
+            for mode in ("plain", "bucketed")
+        ],
+        title=f"{len(pairs):,} pairs, {args.rounds} rounds A B A B",
+    )
 
 
 if __name__ == "__main__":

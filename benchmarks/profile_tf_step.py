@@ -1,6 +1,6 @@
 """Where a TensorFlow training step spends its time, from the TF profiler.
 
-The networks and batch are `lora_vs_full.py`'s (default size: embedding
+The networks and batch are `networks.py`'s (default size: embedding
 128, two GRU 256 layers, a `Dense` over 8,000 tokens, batch 64 x 30). For
 each mode, a few steps run under `tf.profiler.experimental`; the trace's
 operator events (the executor threads' `tf_Compute` lines of the host
@@ -13,8 +13,9 @@ Also per mode: the operators launched a step, and the step's time measured
 before profiling (median of `--steps`; the interleaved ratios are
 `speed_targets.py`'s).
 
-This is what says why `base_dtype="bfloat16"` stays above 0.45 of a full
-step at this size (issue 16): see the README's Performance section.
+It shows where the time of a step with `base_dtype="bfloat16"` goes
+against a full step at this size, set against the target of 0.45 of a full
+step (`speed_targets.py`; docs/performance.md, "Where the time goes").
 
     KERAS_BACKEND=tensorflow python benchmarks/profile_tf_step.py \
         [--modes full lora_bf16] [--steps 7]
@@ -23,16 +24,15 @@ Writes benchmarks/results/profile_tf_step.json; a Markdown table last.
 About a minute on a 2-core CPU.
 """
 
-import argparse
 import collections
 import glob
-import json
 import os
 import statistics
 import tempfile
 import time
 
-import lora_vs_full as base
+import harness
+import networks
 
 # Events that contain others (the executor's and the thread pool's): not
 # operators; counting them would count their operators twice.
@@ -80,8 +80,8 @@ def operator_ms(xplane_path, steps):
 def profile(mode, size, steps, logdir):
     import tensorflow as tf
 
-    model = base.build(mode, size)
-    x, y = base.batch(size)
+    model = networks.build(mode, size)
+    x, y = networks.batch(size)
     for _ in range(3):  # trace, then warm caches
         model.train_on_batch(x, y)
     unprofiled = []
@@ -113,48 +113,40 @@ def profile(mode, size, steps, logdir):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--modes", nargs="+", default=["full", "lora_bf16"])
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=harness.positive_int, default=7)
     args = parser.parse_args()
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
+    if harness.backend() != "tensorflow":
         raise SystemExit("Run it with KERAS_BACKEND=tensorflow.")
-    size = base.SIZES["default"]
+    size = networks.SIZES["default"]
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for mode in args.modes:
             logdir = tempfile.mkdtemp(dir=scratch)
             results[mode] = profile(mode, size, args.steps, logdir)
-    os.makedirs(base.RESULTS, exist_ok=True)
-    out = os.path.join(base.RESULTS, "profile_tf_step.json")
-    with open(out, "w") as file:
-        json.dump(
-            {"size": size, "steps": args.steps, **results}, file, indent=2
-        )
+    harness.write_results(
+        "profile_tf_step", {"size": size, "steps": args.steps, **results}
+    )
     names = sorted({p for r in results.values() for p in r["parts_ms"]})
-    print(f"\nOperator time per step (ms, share of the mode's), {out}\n")
-    print("| part | " + " | ".join(args.modes) + " |")
-    print("|---|" + "---:|" * len(args.modes))
+    rows = []
     for name in names:
         cells = []
         for mode in args.modes:
             parts = results[mode]["parts_ms"]
             share = parts.get(name, 0.0) / sum(parts.values())
             cells.append(f"{parts.get(name, 0.0):.1f} ({share:.0%})")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([name, *cells])
     totals = [sum(results[m]["parts_ms"].values()) for m in args.modes]
-    print("| all operators | " + " | ".join(f"{t:.1f}" for t in totals) + " |")
+    rows.append(["all operators", *(f"{t:.1f}" for t in totals)])
     counts = [results[m]["operator_launches"] for m in args.modes]
-    print(
-        "| operator launches | " + " | ".join(f"{n:,}" for n in counts) + " |"
-    )
+    rows.append(["operator launches", *(f"{n:,}" for n in counts)])
     steps = [results[m]["step_ms_unprofiled"] for m in args.modes]
-    print(
-        "| step, not profiled (median) | "
-        + " | ".join(f"{t:.1f}" for t in steps)
-        + " |"
+    rows.append(["step, not profiled (median)", *(f"{t:.1f}" for t in steps)])
+    harness.print_table(
+        ["part", *args.modes],
+        rows,
+        title="Operator time per step (ms, share of the mode's)",
     )
 
 

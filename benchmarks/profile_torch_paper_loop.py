@@ -1,7 +1,7 @@
 """Where our torch step and the paper's own PyTorch loop differ, from
 `torch.profiler`.
 
-The two steps are `lora_vs_full.paper_loop_steps()`: the paper's LoRA
+The two steps are `networks.paper_loop_steps()`: the paper's LoRA
 Elman RNN written in PyTorch, and our `LoRASimpleRNN` model on the same
 work (2 x 512, rank 4, vocabulary 8,000, T=30, batch 16, the loss on
 flattened logits). Their wall times are measured unprofiled and
@@ -12,24 +12,25 @@ the profiled step outside every operator (its wall time minus that: Python,
 Keras, dispatch; the profiler's own cost falls on both steps). Medians over
 rounds.
 
-This is what says why our step stays above the paper's loop (issue 16):
-see the README's Performance section.
+It shows where our step spends the time it takes beyond the paper's loop,
+set against the target of at most the paper's step (`speed_targets.py`;
+docs/performance.md, "Where the time goes").
 
     KERAS_BACKEND=torch python benchmarks/profile_torch_paper_loop.py \
         [--rounds 7]
 
-Writes benchmarks/results/profile_torch_paper_loop.json; a Markdown table
-last. About a minute on a 2-core CPU.
+Writes benchmarks/results/profile_torch_paper_loop.json; prints each
+step's largest operators, then a Markdown table last. About a minute on a
+2-core CPU.
 """
 
-import argparse
-import json
-import os
 import statistics
 
-import lora_vs_full as base
+import harness
+import networks
 
 from keras_rnn_lora import measurement
+from keras_rnn_lora.measurement import ratio_summary
 
 NAMES = ("paper", "ours")
 TOP_OPERATORS = 12  # the largest operators of each step, kept in the JSON
@@ -88,27 +89,21 @@ def interleaved_profiles(steps, rounds):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args()
-    import keras
-
-    if keras.backend.backend() != "torch":
+    args = harness.parser(__doc__, rounds=7).parse_args()
+    if harness.backend() != "torch":
         raise SystemExit("Run it with KERAS_BACKEND=torch.")
-    all_steps = base.paper_loop_steps()
+    all_steps = networks.paper_loop_steps()
     steps = {name: all_steps[name] for name in NAMES}
     times = measurement.interleaved_times(steps, args.rounds)
     results = interleaved_profiles(steps, args.rounds)
     for name in NAMES:
         results[name]["step_ms"] = 1000 * statistics.median(times[name])
-    results["ratio ours / paper"] = base.ratio(times, "ours", "paper")
-    os.makedirs(base.RESULTS, exist_ok=True)
-    out = os.path.join(base.RESULTS, "profile_torch_paper_loop.json")
-    with open(out, "w") as file:
-        json.dump(results, file, indent=2)
-    print(f"\nA training step, ms (operators: self CPU time), {out}\n")
-    print("| | paper's loop | ours |")
-    print("|---|---:|---:|")
+    results["ratio ours / paper"] = ratio_summary(times, "ours", "paper")
+    harness.write_results("profile_torch_paper_loop", results)
+    for name in NAMES:
+        print(f"\n{name}: largest operators (ms a step)")
+        for op, ms in results[name]["top_operators_ms"].items():
+            print(f"  {ms:7.2f}  {op}")
     rows = (
         ("step, not profiled", "step_ms", ".1f"),
         ("step, profiled", "profiled_step_ms", ".1f"),
@@ -116,13 +111,14 @@ def main():
         ("outside operators (profiled)", "outside_operators_ms", ".1f"),
         ("operator calls", "operator_calls", ",.0f"),
     )
-    for label, key, spec in rows:
-        cells = [format(results[name][key], spec) for name in NAMES]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    for name in NAMES:
-        print(f"\n{name}: largest operators (ms a step)")
-        for op, ms in results[name]["top_operators_ms"].items():
-            print(f"  {ms:7.2f}  {op}")
+    harness.print_table(
+        ["", "paper's loop", "ours"],
+        [
+            [label, *(format(results[name][key], spec) for name in NAMES)]
+            for label, key, spec in rows
+        ],
+        title="A training step, ms (operators: self CPU time)",
+    )
 
 
 if __name__ == "__main__":

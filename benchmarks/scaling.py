@@ -1,11 +1,11 @@
 """How the savings grow with size: LoRA against full fine-tuning at hidden
 256, 512, 1024 and 2048, on the current backend.
 
-The network and the modes are `lora_vs_full.py`'s (embedding, two GRU
-layers, a `Dense` over 8,000 tokens; rank 8): `full`, `lora` (`LoRAGRU`
-layers, LoRA factors only) and `floor` (only the first GRU's bias trainable: the
+The network and the modes are `networks.py`'s (embedding, two GRU layers,
+a `Dense` over 8,000 tokens; rank 8): `full`, `lora` (`LoRAGRU` layers,
+LoRA factors only) and `floor` (only the first GRU's bias trainable: the
 gradient still crosses the whole network, what any LoRA step pays). Sizes
-are `lora_vs_full.SCALING`: the embedding grows with the width up to 512,
+are `networks.SCALING`: the embedding grows with the width up to 512,
 and batch x length shrink from 64 x 30 (hidden 256, 512) to 32 x 20 (1024)
 and 16 x 20 (2048), so that a step stays within seconds on a 2-core CPU;
 ratios are taken within one size, so the scaling of the batch cancels out.
@@ -18,47 +18,46 @@ Writes benchmarks/results/scaling_<backend>.json; the plot of every backend
 measured so far, benchmarks/results/scaling.png; a markdown table last.
 """
 
-import argparse
-import json
-import os
 import time
 
-import lora_vs_full as base
+import harness
+import networks
+
+from keras_rnn_lora.measurement import ratio_summary
 
 MODES = ("full", "lora", "floor")
-RESULTS = base.RESULTS
+BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def measure(units, rounds):
-    size = base.SCALING[units]
-    x, y = base.batch(size)
-    models = {mode: base.build(mode, size) for mode in MODES}
-    times = base.interleaved_times(models, x, y, rounds)
-    del models
-    memory = {mode: base.peak_memory(mode, f"hidden{units}") for mode in MODES}
+    size = networks.SCALING[units]
+    times = networks.step_times(size, MODES, rounds)[0]
+    memory = {
+        mode: networks.peak_memory(mode, f"hidden{units}") for mode in MODES
+    }
     return {
         "size": size,
         "step_seconds": times,
-        "lora_over_full": base.ratio(times, "lora", "full"),
-        "floor_over_full": base.ratio(times, "floor", "full"),
-        "lora_over_floor": base.ratio(times, "lora", "floor"),
+        "lora_over_full": ratio_summary(times, "lora", "full"),
+        "floor_over_full": ratio_summary(times, "floor", "full"),
+        "lora_over_floor": ratio_summary(times, "lora", "floor"),
         "peak_rss_mb": memory,
         "memory_lora_over_full": memory["lora"] / memory["full"],
     }
 
 
 def plot():
+    """Plots every backend's results found in benchmarks/results."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     found = {}
-    for backend in ("tensorflow", "jax", "torch"):
-        path = os.path.join(RESULTS, f"scaling_{backend}.json")
-        if os.path.exists(path):
-            with open(path) as file:
-                found[backend] = json.load(file)["sizes"]
+    for backend in BACKENDS:
+        results = harness.read_results(f"scaling_{backend}")
+        if results is not None:
+            found[backend] = results["sizes"]
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for backend, sizes in found.items():
         widths = sorted(int(u) for u in sizes)
@@ -87,28 +86,24 @@ def plot():
     )
     figure.suptitle("LoRA against full fine-tuning as the RNN grows (CPU)")
     figure.tight_layout()
-    figure.savefig(os.path.join(RESULTS, "scaling.png"), dpi=120)
+    path = harness.RESULTS / "scaling.png"
+    figure.savefig(path, dpi=120)
+    print(f"wrote {harness.relative_path(path)}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = harness.parser(__doc__, rounds=5)
     parser.add_argument(
         "--hidden",
-        default=",".join(map(str, base.SCALING)),
-        help="comma-separated, of " + ",".join(map(str, base.SCALING)),
+        default=",".join(map(str, networks.SCALING)),
+        help="comma-separated, of " + ",".join(map(str, networks.SCALING)),
     )
     args = parser.parse_args()
     widths = [int(u) for u in args.hidden.split(",") if u]
-    unknown = [u for u in widths if u not in base.SCALING]
-    if unknown or args.rounds < 1:
-        parser.error(
-            f"--hidden takes {list(base.SCALING)} (got {unknown}); "
-            "--rounds must be at least 1"
-        )
-    import keras
-
-    backend = keras.backend.backend()
+    unknown = [u for u in widths if u not in networks.SCALING]
+    if unknown:
+        parser.error(f"--hidden takes {list(networks.SCALING)} (got {unknown})")
+    backend = harness.backend()
     sizes = {}
     for units in widths:
         start = time.perf_counter()
@@ -116,31 +111,42 @@ def main():
         print(
             f"hidden {units}: {time.perf_counter() - start:.0f} s", flush=True
         )
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"scaling_{backend}.json"), "w") as file:
-        json.dump({"rounds": args.rounds, "sizes": sizes}, file, indent=2)
-    plot()
-    print(f"\n{backend}, rank {base.RANK}, {args.rounds} interleaved rounds\n")
-    print(
-        "| hidden | batch x T | full step ms | LoRA / full | floor / full "
-        "| LoRA / floor | peak MB full / LoRA | memory LoRA / full |"
+    harness.write_results(
+        f"scaling_{backend}",
+        {"rounds": args.rounds, "rank": networks.RANK, "sizes": sizes},
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    plot()
+    rows = []
     for units, r in sizes.items():
         size, memory = r["size"], r["peak_rss_mb"]
         full_ms = 1e3 * sorted(r["step_seconds"]["full"])[args.rounds // 2]
-        print(
-            f"| {units} | {size['batch']} x {size['T']} | {full_ms:.0f} | "
-            f"{_ratio(r['lora_over_full'])} | {_ratio(r['floor_over_full'])} | "
-            f"{_ratio(r['lora_over_floor'])} | "
-            f"{memory['full']:.0f} / {memory['lora']:.0f} | "
-            f"{r['memory_lora_over_full']:.2f} |"
+        rows.append(
+            [
+                units,
+                f"{size['batch']} x {size['T']}",
+                f"{full_ms:.0f}",
+                harness.median_range(r["lora_over_full"]),
+                harness.median_range(r["floor_over_full"]),
+                harness.median_range(r["lora_over_floor"]),
+                f"{memory['full']:.0f} / {memory['lora']:.0f}",
+                f"{r['memory_lora_over_full']:.2f}",
+            ]
         )
-
-
-def _ratio(summary):
-    return (
-        f"{summary['median']:.3f} ({summary['min']:.2f}-{summary['max']:.2f})"
+    harness.print_table(
+        [
+            "hidden",
+            "batch x T",
+            "full step ms",
+            "LoRA / full",
+            "floor / full",
+            "LoRA / floor",
+            "peak MB full / LoRA",
+            "memory LoRA / full",
+        ],
+        rows,
+        align="rlrrrrrr",
+        title=f"{backend}, rank {networks.RANK}, {args.rounds} interleaved "
+        "rounds",
     )
 
 

@@ -12,25 +12,21 @@ About two minutes on a 2-core CPU (default-size translator, random weights,
 `--max-length` 20 decoding steps).
 """
 
-import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 
+import harness
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SENTENCE = "And it's truly a great honor to have the opportunity to come here."
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--data-dir", default=os.environ.get("IWSLT2017_DIR"))
+    parser = harness.parser(__doc__, rounds=5, data_dir=True)
+    parser.add_argument("--requests", type=harness.positive_int, default=20)
+    parser.add_argument("--max-length", type=harness.positive_int, default=20)
     args = parser.parse_args()
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
@@ -90,19 +86,21 @@ def main():
     results["merged_over_unmerged_p50"] = (
         results["merged"]["p50_ms"] / results["unmerged"]["p50_ms"]
     )
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "serving_latency.json"), "w") as file:
-        json.dump(results, file, indent=2)
-    print(f"\n{args.rounds} rounds A B A B, {args.max_length} decode steps\n")
-    print("| graph | p50 ms | p95 ms | batch 64 sentences/s |")
-    print("|---|---:|---:|---:|")
-    for mode in serve:
-        r = results[mode]
-        print(
-            f"| {mode} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
-            f"{r['batch64_sentences_per_s']:.1f} |"
-        )
-    print(f"\nmerged / unmerged p50: {results['merged_over_unmerged_p50']:.3f}")
+    harness.write_results("serving_latency", results)
+    print(f"merged / unmerged p50: {results['merged_over_unmerged_p50']:.3f}")
+    harness.print_table(
+        ["graph", "p50 ms", "p95 ms", "batch 64 sentences/s"],
+        [
+            [
+                mode,
+                f"{results[mode]['p50_ms']:.1f}",
+                f"{results[mode]['p95_ms']:.1f}",
+                f"{results[mode]['batch64_sentences_per_s']:.1f}",
+            ]
+            for mode in serve
+        ],
+        title=f"{args.rounds} rounds A B A B, {args.max_length} decode steps",
+    )
 
 
 if __name__ == "__main__":

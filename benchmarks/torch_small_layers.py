@@ -3,10 +3,13 @@ effective kernel, and what `jit_compile=True` (torch.compile) does.
 
 On torch, Keras' stock `GRU`/`LSTM` run `backend.gru/lstm`, which on a CPU
 is a lean pure-torch loop with the input projection precomputed. Our
-`LoRAGRU`/`LoRALSTM` take that dispatch (fed the effective kernel
-`W + s*A@B`, formed once per call) only when a GPU is present; on a CPU they
-step the factored cell `h@W + s*(h@A)@B` through Keras' generic RNN loop.
-This script measures both against full fine-tuning, per width.
+`LoRAGRU`/`LoRALSTM` on a CPU either take that dispatch, fed the effective
+kernel `W + s*A@B` (formed once per call), or step the factored cell
+`h@W + s*(h@A)@B` through Keras' generic RNN loop: in training, the first
+up to `keras_rnn_lora.layers.TORCH_CPU_FUSED_MAX_UNITS` units, the second
+above. This script measures both paths at every width against full
+fine-tuning, each forced through that threshold for its own steps: the
+crossover it finds is what the threshold should be.
 
 The model: Input (batch 32, 20 steps, 32 features) -> the RNN layer
 (`return_sequences=True`) -> `Dense(16)`, mse loss, Adam; one training step
@@ -14,11 +17,11 @@ is one `model.train_on_batch`. Modes, for GRU and LSTM at units 16 to 512,
 rank min(8, units):
 
 - `full`: the stock `keras.layers.GRU`/`LSTM`, every weight trainable;
-- `lora`: `LoRAGRU`/`LoRALSTM` as the library runs them on a CPU today
-  (factored loop), `mark_only_lora_as_trainable` (only A and B train);
-- `lora_fused`: the same layer, its `_fusable` forced on for this one
-  instance, so the stock layer's dispatch runs with `W + s*A@B` (here the
-  torch fallback loop); same trainability.
+- `lora`: `LoRAGRU`/`LoRALSTM` on the factored loop (the threshold at 0),
+  `mark_only_lora_as_trainable` (only A and B train);
+- `lora_fused`: the same layer on the stock layer's dispatch with
+  `W + s*A@B` (here Keras' torch loop; the threshold above every width);
+  same trainability.
 
 Before timing, each width checks that `lora` and `lora_fused` agree (B set
 to random values, since B = 0 hides a dropped delta): the same outputs and
@@ -49,22 +52,18 @@ benchmarks/results/torch_small_layers.json (`--jit`:
 torch_small_layers_jit.json) and prints a Markdown table last.
 """
 
-import argparse
 import contextlib
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 
+import harness
 import numpy as np
 
 from keras_rnn_lora import measurement
 from keras_rnn_lora.measurement import ratio_summary
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 BATCH = 32  # sequences per step
 STEPS = 20  # time steps per sequence
 FEATURES = 32  # input features per time step
@@ -98,15 +97,35 @@ def data(seed=1):
     return x, y
 
 
-def force_fused(layer):
-    """Sends this one LoRA layer through the stock layer's dispatch (the
-    effective kernel `W + s*A@B`) even without a GPU, as the library does
-    on a GPU: training with LoRA dropout still takes the factored loop."""
+@contextlib.contextmanager
+def cpu_path(mode):
+    """LoRA layers train on the path of `mode` inside this block, at every
+    width: `lora` the factored loop, `lora_fused` the stock layer's
+    dispatch fed `W + s*A@B`; `full` (stock layers) is left alone. Set
+    through the library's width threshold, which its layers read at every
+    call."""
+    from keras_rnn_lora import layers
 
-    def fusable(training):
-        return not (training and layer.cell.lora_dropout > 0)
+    limit = {"lora": 0, "lora_fused": sys.maxsize}.get(mode)
+    if limit is None:
+        yield
+        return
+    previous = layers.TORCH_CPU_FUSED_MAX_UNITS
+    layers.TORCH_CPU_FUSED_MAX_UNITS = limit
+    try:
+        yield
+    finally:
+        layers.TORCH_CPU_FUSED_MAX_UNITS = previous
 
-    object.__setattr__(layer, "_fusable", fusable)
+
+def train_step(model, mode, x, y):
+    """One `train_on_batch` of `model` on the path of `mode`."""
+
+    def step():
+        with cpu_path(mode):
+            return model.train_on_batch(x, y)
+
+    return step
 
 
 def build(kind, mode, units, jit_compile=False, seed=0):
@@ -126,8 +145,6 @@ def build(kind, mode, units, jit_compile=False, seed=0):
     model = keras.Model(inputs, keras.layers.Dense(OUTPUTS)(layer(inputs)))
     if mode != "full":
         keras_rnn_lora.mark_only_lora_as_trainable(model)
-    if mode == "lora_fused":
-        force_fused(layer)
     model.compile(optimizer="adam", loss="mse", jit_compile=jit_compile)
     return model, layer
 
@@ -164,12 +181,13 @@ def counting_cell_steps(cell):
             object.__delattr__(cell, name)
 
 
-def outputs_and_grads(model, layer, x, y):
-    """Outputs (training=True), gradients of the mse loss with respect to
-    the trainable weights (the LoRA factors), and how many cell steps ran."""
+def outputs_and_grads(model, layer, mode, x, y):
+    """Outputs (training=True) on the path of `mode`, gradients of the mse
+    loss with respect to the trainable weights (the LoRA factors), and how
+    many cell steps ran."""
     import torch
 
-    with counting_cell_steps(layer.cell) as counts:
+    with counting_cell_steps(layer.cell) as counts, cpu_path(mode):
         outputs = model(x, training=True)
     loss = torch.mean((outputs - torch.as_tensor(y)) ** 2)
     weights = [w.value for w in model.trainable_weights]
@@ -189,8 +207,12 @@ def check_equivalence(kind, units, x, y):
     fused_model, fused_layer = build(kind, "lora_fused", units)
     randomize_b(lora_layer)
     fused_model.set_weights(lora_model.get_weights())
-    out_l, grads_l, steps_l = outputs_and_grads(lora_model, lora_layer, x, y)
-    out_f, grads_f, steps_f = outputs_and_grads(fused_model, fused_layer, x, y)
+    out_l, grads_l, steps_l = outputs_and_grads(
+        lora_model, lora_layer, "lora", x, y
+    )
+    out_f, grads_f, steps_f = outputs_and_grads(
+        fused_model, fused_layer, "lora_fused", x, y
+    )
     names = [w.path for w in lora_model.trainable_weights]
     result = {
         "cell_steps_lora": steps_l,
@@ -224,8 +246,7 @@ def step_times(kind, units, rounds, x, y, lora_weights):
         if mode != "full":
             models[mode].set_weights(lora_weights)  # B random in both
     steps = {
-        mode: (lambda m=model: m.train_on_batch(x, y))
-        for mode, model in models.items()
+        mode: train_step(model, mode, x, y) for mode, model in models.items()
     }
     return measurement.interleaved_times(steps, rounds, warmup=WARMUP)
 
@@ -245,55 +266,6 @@ def crossover(rows, kind):
         "median": max(by_median, default=None),
         "every_round": max(every_round, default=None),
         "faster_at": by_median,
-    }
-
-
-def environment(backend):
-    import keras
-    import torch
-
-    import keras_rnn_lora
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*args):
-        try:
-            return subprocess.run(
-                ["git", *args],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return {
-        "backend": backend,
-        "device": "cpu (torch.cuda.is_available() is False)"
-        if not torch.cuda.is_available()
-        else f"cuda: {torch.cuda.get_device_name()}",
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(
-            git("status", "--porcelain", "--untracked-files=no")
-        ),
-        "versions": {
-            "python": platform.python_version(),
-            "keras": keras.__version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "keras_rnn_lora": keras_rnn_lora.__version__,
-        },
     }
 
 
@@ -317,9 +289,7 @@ def settings(rounds, units):
 
 
 def fmt(summary):
-    return (
-        f"{summary['median']:.2f} ({summary['min']:.2f}-{summary['max']:.2f})"
-    )
+    return harness.median_range(summary, ".2f")
 
 
 # -- the main table ------------------------------------------------------
@@ -358,34 +328,38 @@ def measure_steps(rounds, units_list):
 
 
 def print_steps(report):
-    print(
-        f"\ntorch CPU, {report['settings']['rounds']} rounds; a = full "
-        "fine-tuning of the stock layer, b = LoRA factored loop (today), "
-        "c = LoRA through the effective-kernel path; median of per-round "
-        "ratios (min-max)\n"
-    )
-    print("| layer | units | rank | a, b, c ms | b/a | c/a | c/b |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in report["rows"]:
-        ms = ", ".join(f"{r['median_step_ms'][m]:.1f}" for m in MODES)
-        print(
-            f"| {r['layer']} | {r['units']} | {r['rank']} | {ms} "
-            f"| {fmt(r['b/a'])} | {fmt(r['c/a'])} | {fmt(r['c/b'])} |"
-        )
-    print()
     for kind, c in report["crossover"].items():
         print(
             f"- {kind}: c faster than b (median) up to units "
             f"{c['median']}; in every round up to {c['every_round']}"
         )
+    harness.print_table(
+        ["layer", "units", "rank", "a, b, c ms", "b/a", "c/a", "c/b"],
+        [
+            [
+                r["layer"],
+                r["units"],
+                r["rank"],
+                ", ".join(f"{r['median_step_ms'][m]:.1f}" for m in MODES),
+                fmt(r["b/a"]),
+                fmt(r["c/a"]),
+                fmt(r["c/b"]),
+            ]
+            for r in report["rows"]
+        ],
+        title=f"torch CPU, {report['settings']['rounds']} rounds; a = full "
+        "fine-tuning of the stock layer, b = LoRA factored loop, "
+        "c = LoRA through the effective-kernel path; median of per-round "
+        "ratios (min-max)",
+    )
 
 
 # -- torch.compile -------------------------------------------------------
 
 JIT_ARMS = ("full", "lora", "lora_fused")
 JIT_CHILD = (
-    "import sys; sys.path.insert(0, {here!r}); import torch_small_layers; "
-    "torch_small_layers.jit_child(*sys.argv[1:])"
+    "import sys, torch_small_layers\n"
+    "torch_small_layers.jit_child(*sys.argv[1:])\n"
 )
 
 
@@ -393,13 +367,18 @@ def jit_child(kind, units, arm, rounds, threads):
     """In a fresh process: `arm` eager and with `jit_compile=True` (and the
     eager `full` step as the common reference): compile time, first
     losses and interleaved steady-state steps; reported for
-    `in_fresh_process`. One compiled model a process, as in a user's run
+    `harness.in_fresh_process`. One compiled model a process, as in a user's run
     (two compiled models in one process recompile each other's shared
     Keras frames when they alternate)."""
     import torch
 
-    units, rounds = int(units), int(rounds)
     torch.set_num_threads(int(threads))
+    with cpu_path(arm):
+        harness.report(jit_measurements(kind, int(units), arm, int(rounds)))
+
+
+def jit_measurements(kind, units, arm, rounds):
+    """`jit_child`'s measurements, in this process."""
     x, y = data()
     names = ["full", arm, f"{arm}_jit"] if arm != "full" else [arm, "full_jit"]
     models = {}
@@ -454,11 +433,10 @@ def jit_child(kind, units, arm, rounds, threads):
     if arm != "full":
         result["eager/full"] = ratio_summary(times, arm, "full")
         result["jit/full"] = ratio_summary(times, f"{arm}_jit", "full")
-    measurement.report(result)
+    return result
 
 
 def measure_jit(rounds, units_list, threads):
-    here = os.path.dirname(os.path.abspath(__file__))
     rows = []
     for kind in LAYERS:
         for units in units_list:
@@ -468,8 +446,8 @@ def measure_jit(rounds, units_list, threads):
                 with cold_inductor_cache():
                     try:
                         row.update(
-                            measurement.in_fresh_process(
-                                JIT_CHILD.format(here=here),
+                            harness.in_fresh_process(
+                                JIT_CHILD,
                                 kind,
                                 units,
                                 arm,
@@ -504,47 +482,60 @@ def cold_inductor_cache():
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
+def jit_row(r):
+    """`print_jit`'s row of one (layer, width, arm)."""
+    head = [r["layer"], r["units"], r["arm"]]
+    if "error" in r:
+        return [*head, f"failed: {r['error'].splitlines()[0]}", *[""] * 5]
+    first = r["first_three_steps_s"][f"{r['arm']}_jit"]
+    full = (
+        ("-", "-")
+        if r["arm"] == "full"
+        else (fmt(r["eager/full"]), fmt(r["jit/full"]))
+    )
+    return [
+        *head,
+        fmt(r["jit/eager"]),
+        *full,
+        f"{r['median_step_ms'][r['arm'] + '_jit']:.1f}",
+        f"{first[0]:.0f}",
+        f"{first[1]:.1f}",
+    ]
+
+
 def print_jit(report):
-    print(
-        f"\ntorch CPU, jit_compile=True (torch.compile) against eager, "
+    harness.print_table(
+        [
+            "layer",
+            "units",
+            "arm",
+            "jit/eager",
+            "eager/full",
+            "jit/full",
+            "jit ms",
+            "compile s",
+            "recompile s",
+        ],
+        [jit_row(r) for r in report["rows"]],
+        align="lrlrrrrrr",
+        title=f"torch CPU, jit_compile=True (torch.compile) against eager, "
         f"{report['settings']['rounds']} rounds; median of per-round ratios "
         "(min-max); compile = the first compiled step, recompile = the "
-        "second (cold inductor cache); full = the stock layer's eager step\n"
+        "second (cold inductor cache); full = the stock layer's eager step",
     )
-    print(
-        "| layer | units | arm | jit/eager | eager/full | jit/full "
-        "| jit ms | compile s | recompile s |"
-    )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in report["rows"]:
-        head = f"| {r['layer']} | {r['units']} | {r['arm']} "
-        if "error" in r:
-            print(f"{head}| failed: {r['error'].splitlines()[0]} |||||||")
-            continue
-        first = r["first_three_steps_s"][f"{r['arm']}_jit"]
-        full = (
-            ("-", "-")
-            if r["arm"] == "full"
-            else (fmt(r["eager/full"]), fmt(r["jit/full"]))
-        )
-        print(
-            f"{head}| {fmt(r['jit/eager'])} | {full[0]} | {full[1]} "
-            f"| {r['median_step_ms'][r['arm'] + '_jit']:.1f} "
-            f"| {first[0]:.0f} | {first[1]:.1f} |"
-        )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__)
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=harness.positive_int,
         default=None,
         help=f"timed rounds (default {ROUNDS}; with --jit {JIT_ROUNDS})",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=harness.positive_int,
         default=THREADS,
         help="torch intra-op threads (torch.set_num_threads)",
     )
@@ -555,15 +546,13 @@ def main():
     )
     parser.add_argument(
         "--units",
-        type=int,
+        type=harness.positive_int,
         nargs="+",
         default=None,
         help=f"widths (default {UNITS}; with --jit {JIT_UNITS})",
     )
     args = parser.parse_args()
-    import keras
-
-    backend = keras.backend.backend()
+    backend = harness.backend()
     if backend != "torch":
         sys.exit(f"Run with KERAS_BACKEND=torch (this is {backend}).")
     import torch
@@ -571,29 +560,24 @@ def main():
     torch.set_num_threads(args.threads)
     units = tuple(args.units or (JIT_UNITS if args.jit else UNITS))
     rounds = args.rounds or (JIT_ROUNDS if args.jit else ROUNDS)
-    report = {**environment(backend), "settings": settings(rounds, units)}
+    report = {"settings": settings(rounds, units)}
     if args.jit:
         report["rows"] = measure_jit(rounds, units, args.threads)
-        name = "torch_small_layers_jit.json"
-    else:
-        report["settings"]["modes"] = {
-            "a": "full: stock layer, every weight trainable",
-            "b": "lora: LoRA layer, factored loop (today's CPU path)",
-            "c": "lora_fused: LoRA layer forced through the effective-"
-            "kernel path (the stock layer's torch loop, W + s*A@B)",
-        }
-        report["rows"] = measure_steps(rounds, units)
-        report["crossover"] = {
-            kind: crossover(report["rows"], kind) for kind in LAYERS
-        }
-        name = "torch_small_layers.json"
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, name), "w") as file:
-        json.dump(report, file, indent=2)
-    if args.jit:
+        harness.write_results("torch_small_layers_jit", report)
         print_jit(report)
-    else:
-        print_steps(report)
+        return
+    report["settings"]["modes"] = {
+        "a": "full: stock layer, every weight trainable",
+        "b": "lora: LoRA layer on the factored loop",
+        "c": "lora_fused: LoRA layer on the effective-kernel path (the "
+        "stock layer's torch loop, W + s*A@B)",
+    }
+    report["rows"] = measure_steps(rounds, units)
+    report["crossover"] = {
+        kind: crossover(report["rows"], kind) for kind in LAYERS
+    }
+    harness.write_results("torch_small_layers", report)
+    print_steps(report)
 
 
 if __name__ == "__main__":

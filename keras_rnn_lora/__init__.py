@@ -26,6 +26,14 @@ from keras_rnn_lora.layers import LoRASimpleRNN
 from keras_rnn_lora.lora import LoRAConfig
 from keras_rnn_lora.lora import lora_scaling
 from keras_rnn_lora.lora_plus import LoRAPlusOptimizer
+from keras_rnn_lora.named_adapters import active_adapter
+from keras_rnn_lora.named_adapters import add_adapter
+from keras_rnn_lora.named_adapters import call_with_adapters
+from keras_rnn_lora.named_adapters import delete_adapter
+from keras_rnn_lora.named_adapters import disable_adapters
+from keras_rnn_lora.named_adapters import list_adapters
+from keras_rnn_lora.named_adapters import routed_call
+from keras_rnn_lora.named_adapters import set_adapter
 from keras_rnn_lora.training import count_parameters
 from keras_rnn_lora.training import lora_summary
 from keras_rnn_lora.training import mark_only_lora_as_trainable
@@ -47,9 +55,15 @@ __all__ = [
     "LoRAPlusOptimizer",
     "LoRASimpleRNN",
     "LoRASimpleRNNCell",
+    "active_adapter",
+    "add_adapter",
+    "call_with_adapters",
     "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
     "enable_lora",
     "is_chief",
+    "list_adapters",
     "load_lora_model",
     "load_lora_weights",
     "lora_scaling",
@@ -58,7 +72,9 @@ __all__ = [
     "multi_worker_strategy",
     "merge_lora",
     "recompile",
+    "routed_call",
     "save_lora_weights",
+    "set_adapter",
     "to_base_model",
     "unmerge_lora",
     "worker_count",

@@ -34,18 +34,28 @@ MAX_ATTRIBUTE_BYTES = 4096
 
 
 # The model-wide target of each adapter class that is not a cell.
-def write(path, model_name, contents):
-    """Writes an adapter file: `contents` maps each adapter's path to its
-    attributes (`adapter_attributes`) and factors (name -> array)."""
+def write(path, model_name, adapters):
+    """Writes an adapter file. `adapters` maps each named adapter to
+    `{layer path: (attributes, factors)}` (`adapter_attributes`; factor
+    name -> array). One adapter: a group per layer path, the name in the
+    file's `adapter_name`; several: the same under a group per name, the
+    names in the file's `adapter_names`."""
     with h5py.File(path, "w") as file:
         file.attrs["format"] = FORMAT
         file.attrs["format_version"] = FORMAT_VERSION
         file.attrs["model_name"] = model_name
-        for layer_path, (attributes, factors) in contents.items():
-            group = file.create_group(layer_path)
-            group.attrs.update(attributes)
-            for name, value in factors.items():
-                group.create_dataset(name, data=value)
+        several = len(adapters) > 1
+        if several:
+            file.attrs["adapter_names"] = ",".join(adapters)
+        else:
+            file.attrs["adapter_name"] = next(iter(adapters))
+        for adapter_name, contents in adapters.items():
+            root = file.create_group(adapter_name) if several else file
+            for layer_path, (attributes, factors) in contents.items():
+                group = root.create_group(layer_path)
+                group.attrs.update(attributes)
+                for name, value in factors.items():
+                    group.create_dataset(name, data=value)
 
 
 def check_path(path):
@@ -70,16 +80,19 @@ def base_fingerprint(adapter):
     return digest.hexdigest()
 
 
-def adapter_attributes(adapter):
+def adapter_attributes(adapter, name=None):
+    """What a file records of the layer's adapter `name` (default: the
+    active one)."""
+    config = adapter.adapter_config(name or adapter.active_adapter)
     return {
         "class_name": type(adapter).__name__,
-        "rank": adapter.rank,
-        "lora_alpha": adapter.lora_config.lora_alpha,
-        "use_rslora": adapter.lora_config.use_rslora,
-        "lora_targets": ",".join(adapter.lora_targets),
-        "lora_dropout": adapter.lora_config.lora_dropout,
-        "use_dora": adapter.use_dora,
-        "lora_init": adapter.lora_init,
+        "rank": config.rank,
+        "lora_alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "lora_targets": ",".join(config.lora_targets),
+        "lora_dropout": config.lora_dropout,
+        "use_dora": config.use_dora,
+        "lora_init": config.lora_init,
         "base_fingerprint": base_fingerprint(adapter),
     }
 
@@ -228,7 +241,8 @@ class AdapterFile:
         self.file.close()
 
     def headers(self):
-        """`{layer path: Header}`, reading no factor data."""
+        """`{adapter name: {layer path: Header}}`, reading no factor
+        data."""
         file, path = self.file, self.path
         where = f"The adapter file {path!r}"
         try:
@@ -254,23 +268,24 @@ class AdapterFile:
                     )
             names = []
             file.visit(names.append)
-            headers = {}
+            groups = {}
             for name in names:
                 item = file[name]
                 if isinstance(item, h5py.Group) and "rank" in item.attrs:
-                    headers[name] = Header(name, item, path)
+                    groups[name] = Header(name, item, path)
             for name in names:
                 parent = name.rpartition("/")[0]
                 if isinstance(file[name], h5py.Dataset) and (
-                    parent not in headers
+                    parent not in groups
                 ):
                     raise _Refused(
                         f"{where} holds an unexpected dataset {name!r} "
                         "outside any layer's adapter; refusing it."
                     )
+            headers = _by_adapter(file, groups, where)
         except _Refused as error:
             raise ValueError(str(error)) from None
-        if not headers:
+        if not any(headers.values()):
             raise ValueError(f"{where} holds no adapter.")
         return headers
 
@@ -280,12 +295,31 @@ class AdapterFile:
         return {key: np.array(group[key][()]) for key in header.datasets}
 
 
-def check_header(layer_path, adapter, header, path, strict):
+def _by_adapter(file, groups, where):
+    """The adapter groups of a file by adapter name (see `write`)."""
+    several = _scalar_attribute(file, "adapter_names", where)
+    if several is None:
+        name = _scalar_attribute(file, "adapter_name", where) or "default"
+        return {str(name): groups}
+    names = str(several).split(",")
+    headers = {name: {} for name in names}
+    for group, header in groups.items():
+        adapter, _, layer_path = group.partition("/")
+        if adapter not in headers or not layer_path:
+            raise _Refused(
+                f"{where} holds {_cut(group)!r} outside its adapters "
+                f"{names}; refusing it."
+            )
+        headers[adapter][layer_path] = header
+    return headers
+
+
+def check_header(layer_path, adapter, header, path, strict, name=None):
     """Checks an adapter's `header` against the model's `adapter`: class,
     rank, targets, scaling rule, alpha, factor names, shapes and dtypes;
     with `strict`, the base fingerprint too. Returns whether the base
     fingerprints match."""
-    expected = adapter_attributes(adapter)
+    expected = adapter_attributes(adapter, name)
     attributes = header.attributes
     if attributes["lora_init"] != expected["lora_init"]:
         raise ValueError(
@@ -303,32 +337,32 @@ def check_header(layer_path, adapter, header, path, strict):
                 f"{key}={_shown(attributes[key])} but the model's layer "
                 f"has {key}={expected[key]!r}."
             )
-    alpha = adapter.lora_config.lora_alpha
+    alpha = expected["lora_alpha"]
     if not np.isclose(float(attributes["lora_alpha"]), alpha):
         raise ValueError(
             f"Layer '{layer_path}': the adapter file {path!r} has "
             f"lora_alpha={float(attributes['lora_alpha'])} but the model's "
             f"layer has lora_alpha={alpha}."
         )
-    weights = {w.name: w for w in adapter.lora_weights}
-    unexpected = sorted(set(header.datasets) - set(weights)) + header.other
+    shapes = adapter.adapter_shapes(name or adapter.active_adapter)
+    unexpected = sorted(set(header.datasets) - set(shapes)) + header.other
     if unexpected:
         raise ValueError(
             f"Layer '{layer_path}': the adapter file {path!r} holds "
             f"{[_cut(n) for n in unexpected]}, which are not factors "
-            f"of this layer ({sorted(weights)}); refusing it."
+            f"of this layer ({sorted(shapes)}); refusing it."
         )
-    for name, weight in weights.items():
-        shape, dtype = header.datasets.get(name, (None, None))
-        if shape != tuple(weight.shape):
+    for factor, expected_shape in shapes.items():
+        shape, dtype = header.datasets.get(factor, (None, None))
+        if shape != expected_shape:
             raise ValueError(
-                f"Layer '{layer_path}': factor '{name}' has shape "
-                f"{shape} in {path!r} but {tuple(weight.shape)} in the model."
+                f"Layer '{layer_path}': factor '{factor}' has shape "
+                f"{shape} in {path!r} but {expected_shape} in the model."
             )
         if dtype.kind != "f":
             raise ValueError(
-                f"Layer '{layer_path}': factor '{name}' in {path!r} has dtype "
-                f"{dtype}; expected floating point."
+                f"Layer '{layer_path}': factor '{factor}' in {path!r} has "
+                f"dtype {dtype}; expected floating point."
             )
     same_base = attributes["base_fingerprint"] == expected["base_fingerprint"]
     if strict and not same_base:

@@ -20,8 +20,11 @@ import warnings
 
 from keras_rnn_lora import adapter_file
 from keras_rnn_lora import files
+from keras_rnn_lora import lora
+from keras_rnn_lora.walk import at_layer
 from keras_rnn_lora.walk import check_model
 from keras_rnn_lora.walk import lora_adapters
+from keras_rnn_lora.walk import require_adapters
 
 # The model-wide target of each adapter class that is not a cell.
 _LAYER_TARGET = {
@@ -32,7 +35,7 @@ _LAYER_TARGET = {
 _ROLES = ("cell", "forward", "backward", "layer")
 
 
-def save_lora_weights(model, path):
+def save_lora_weights(model, path, adapter=None):
     """Writes the LoRA factors of `model` to an adapter file at `path`.
 
     The adapters' factors are written whether they are merged or not. The
@@ -46,31 +49,49 @@ def save_lora_weights(model, path):
     Args:
         model: a model holding LoRA adapters.
         path: the file to write; must end in `.lora.weights.h5`.
+        adapter: which named adapter: `None` (default) the active one, a
+            name, or `"all"`: every adapter of the model in one file. The
+            file records the names.
     """
     path = adapter_file.check_path(path)
-    check_model(model, "save_lora_weights")
-    adapters = lora_adapters(model)
-    if not adapters:
-        raise ValueError(
-            f"Model '{model.name}' has no LoRA cell to save (nor any other "
-            "LoRA layer). "
-            "Convert it first: `enable_lora(model, rank=...)`."
-        )
-    contents = {}
-    for layer_path, adapter in sorted(adapters.items()):
-        try:
-            adapter.require_known_adapter("save_lora_weights")
-            contents[layer_path] = (
-                adapter_file.adapter_attributes(adapter),
-                adapter.factor_values(),
+    adapters = require_adapters(model, "save_lora_weights")
+    names = _chosen_adapters(model, adapter)
+    contents = {name: {} for name in names}
+    for layer_path, host in sorted(adapters.items()):
+        for name in names:
+            host.require_known_adapter("save_lora_weights")
+            contents[name][layer_path] = at_layer(
+                layer_path, _adapter_contents, host, name
             )
-        except ValueError as error:
-            raise ValueError(f"Layer '{layer_path}': {error}") from None
     with files.atomic_path(path) as temporary:
         adapter_file.write(temporary, model.name, contents)
 
 
-def load_lora_weights(model, path, strict=True):
+def _adapter_contents(host, name):
+    return (
+        adapter_file.adapter_attributes(host, name),
+        host.adapter_values(name),
+    )
+
+
+def _chosen_adapters(model, adapter):
+    from keras_rnn_lora.named_adapters import active_adapter
+    from keras_rnn_lora.named_adapters import list_adapters
+
+    names = list_adapters(model)
+    if adapter is None:
+        return [active_adapter(model)]
+    if adapter == "all":
+        return names
+    if adapter not in names:
+        raise ValueError(
+            f"Received an invalid value for `adapter`, expected None, 'all' "
+            f"or one of {names}. Received: adapter={adapter!r}"
+        )
+    return [adapter]
+
+
+def load_lora_weights(model, path, strict=True, adapter=None):
     """Loads an adapter file written by `save_lora_weights` into `model`,
     which already holds the adapters (to set them up from the file, use
     `load_lora_model`).
@@ -96,6 +117,9 @@ def load_lora_weights(model, path, strict=True):
         model: a model holding LoRA adapters of the same architecture.
         path: an adapter file (`.lora.weights.h5`).
         strict: bool, default `True`.
+        adapter: the model's named adapter a one-adapter file loads into
+            (default: the active one). A file of several adapters loads
+            each into the model's adapter of the same name.
 
     Returns:
         `model`, for chaining.
@@ -110,17 +134,40 @@ def load_lora_weights(model, path, strict=True):
             "model with `keras_rnn_lora.load_lora_model(model, path)`."
         )
     with adapter_file.AdapterFile(path) as opened:
-        headers = opened.headers()
-        plans = _plans(model, adapters, opened, headers, strict)
+        by_name = _targets(model, opened.headers(), adapter, path)
+        plans = [
+            (name, plan)
+            for name, headers in by_name.items()
+            for plan in _plans(model, adapters, opened, headers, strict, name)
+        ]
     # Every check passed: only now touch the model.
-    for adapter, factors in plans:
-        adapter.set_lora_factors(factors)
+    for name, (host, factors) in plans:
+        host.set_adapter_values(name, factors)
     return model
 
 
-def _plans(model, adapters, opened, headers, strict):
-    """`[(adapter, factors)]` for every adapter the file `opened` loads
-    into, every check done."""
+def _targets(model, file_adapters, adapter, path):
+    """`{model adapter name: headers}`: what of the file goes where."""
+    from keras_rnn_lora.named_adapters import list_adapters
+
+    names = list_adapters(model)
+    if len(file_adapters) == 1:
+        headers = next(iter(file_adapters.values()))
+        return {_chosen_adapters(model, adapter)[0]: headers}
+    missing = sorted(set(file_adapters) - set(names))
+    if missing:
+        raise ValueError(
+            f"The adapter file {path!r} holds the adapters {missing}, which "
+            f"model '{model.name}' lacks (it has {names}). Add them with "
+            "`keras_rnn_lora.add_adapter`, or load the file into the base "
+            "model with `keras_rnn_lora.load_lora_model`."
+        )
+    return file_adapters
+
+
+def _plans(model, adapters, opened, headers, strict, name=None):
+    """`[(layer, factors)]` for every layer adapter `name` of the file
+    `opened` loads into, every check done."""
     path = opened.path
     for header in headers.values():
         header.check(path)
@@ -150,12 +197,15 @@ def _plans(model, adapters, opened, headers, strict):
     for layer_path in matched:
         adapter, header = adapters[layer_path], headers[layer_path]
         if not adapter_file.check_header(
-            layer_path, adapter, header, path, strict
+            layer_path, adapter, header, path, strict, name
         ):
             other_base.append(layer_path)
         factors = opened.factors(header)
         try:
-            plans.append((adapter, adapter.check_lora_factors(factors)))
+            checked = adapter.check_adapter_values(
+                name or adapter.active_adapter, factors
+            )
+            plans.append((adapter, checked))
         except ValueError as error:
             raise ValueError(
                 f"Layer '{layer_path}' from {path!r}: {error}"
@@ -242,27 +292,50 @@ def load_lora_model(model, path, strict=True):
             "base model without adapters."
         )
     with adapter_file.AdapterFile(path) as opened:
-        headers = opened.headers()
-        for header in headers.values():
-            header.check(path)
+        file_adapters = opened.headers()
+        for headers in file_adapters.values():
+            for header in headers.values():
+                header.check(path)
+        names = list(file_adapters)
+        first = file_adapters[names[0]]
         groups = collections.defaultdict(set)
-        for layer_path, header in headers.items():
+        for layer_path, header in first.items():
             settings = tuple(sorted(_settings(header).items()))
             groups[settings].add(_layer_name(layer_path))
         lora_model = model
-        for settings, names in groups.items():
+        for settings, layer_names in groups.items():
             lora_model = enable_lora(
-                lora_model, **dict(settings), layers=sorted(names)
+                lora_model,
+                **dict(settings),
+                layers=sorted(layer_names),
+                adapter_name=names[0],
             )
         adapters = lora_adapters(lora_model)
-        if set(adapters) != set(headers):
+        if set(adapters) != set(first):
             raise ValueError(
                 f"The adapter file {path!r} describes adapters "
-                f"{sorted(headers)}; set up on model '{model.name}' they "
+                f"{sorted(first)}; set up on model '{model.name}' they "
                 f"are {sorted(adapters)}. Is this the base model the adapter "
                 "was trained on?"
             )
-        plans = _plans(lora_model, adapters, opened, headers, strict)
-    for adapter, factors in plans:
-        adapter.set_lora_factors(factors)
+        for name in names[1:]:
+            for layer_path, header in file_adapters[name].items():
+                settings = _settings(header)
+                host = adapters[layer_path]
+                settings["lora_targets"] = host.lora_targets
+                at_layer(
+                    layer_path,
+                    host.add_banked_adapter,
+                    name,
+                    lora.LoRAConfig(**settings),
+                )
+        plans = [
+            (name, plan)
+            for name in names
+            for plan in _plans(
+                lora_model, adapters, opened, file_adapters[name], strict, name
+            )
+        ]
+    for name, (host, factors) in plans:
+        host.set_adapter_values(name, factors)
     return lora_model

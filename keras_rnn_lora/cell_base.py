@@ -21,6 +21,7 @@ from keras import initializers
 from keras import ops
 
 from keras_rnn_lora import lora
+from keras_rnn_lora import routing
 from keras_rnn_lora import variants
 from keras_rnn_lora.lora_dropout import LoRADropoutMixin
 from keras_rnn_lora.merging import MergeableLoRA
@@ -62,6 +63,10 @@ _LORA_ARGS_DOC = """
         trainable_base_weights: `None` (default: every unadapted weight
             trains, as in the stock cell) or the names of those that do
             (`()`: only the adapter; set by `mark_only_lora_as_trainable`).
+        named_adapters: the adapters the cell holds besides the live one,
+            by name, as `LoRAConfig` dicts (set by `get_config`; see
+            `keras_rnn_lora.add_adapter`).
+        active_adapter: the name of the live adapter, default `"default"`.
 """
 
 
@@ -131,6 +136,8 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         lora_init="default",
         lora_merged=False,
         trainable_base_weights=None,
+        named_adapters=None,
+        active_adapter=None,
         **kwargs,
     ):
         # The stock cell first: it refuses unknown arguments by name.
@@ -153,7 +160,13 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
             use_dora=use_dora,
             lora_init=lora_init,
         )
-        self.init_lora(config, lora_merged, trainable_base_weights)
+        self.init_lora(
+            config,
+            lora_merged,
+            trainable_base_weights,
+            named_adapters,
+            active_adapter,
+        )
         self.lora_alpha = config.lora_alpha
 
     # -- weights --------------------------------------------------------------
@@ -199,23 +212,37 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
 
     # -- per call: DoRA's column scales ---------------------------------------
     # Keras' RNN layer asks its cell for dropout masks once before its loop
-    # and resets them after; DoRA's scales (which depend on the weights
-    # alone) are computed at the same moment, once per call, not per step.
+    # and resets them after; DoRA's scales and a mixed batch's per-example
+    # factors (which depend on the weights and the route alone) are computed
+    # at the same moment, once per call, not per step.
 
     def get_dropout_mask(self, step_input):
         if self.use_dora and not getattr(self, "_dora_scales", None):
             self._dora_scales = {
                 t: self.dora_scale(t) for t in self.lora_targets
             }
+        route = routing.current()
+        if route is not None and not getattr(self, "_routed", None):
+            self._routed = {
+                t: self.routed_factors(t, route.names, route.ids)
+                for t in self.lora_targets
+            }
         return super().get_dropout_mask(step_input)
 
     def reset_dropout_mask(self):
         super().reset_dropout_mask()
         self._dora_scales = None
+        self._routed = None
 
     def _call_dora_scale(self, target):
         scales = getattr(self, "_dora_scales", None)
         return scales[target] if scales else self.dora_scale(target)
+
+    def _call_routed(self, target, route):
+        cached = getattr(self, "_routed", None)
+        if cached:
+            return cached[target]
+        return self.routed_factors(target, route.names, route.ids)
 
     # -- the factored step ----------------------------------------------------
 
@@ -234,6 +261,9 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         y = ops.matmul(x, kernel)
         if target not in self.lora_targets:
             return y
+        route = routing.current()
+        if route is not None:
+            return self._project_routed(target, x, y, columns, route)
         a, b = self.lora_factors(target)
         if training and self.lora_dropout > 0:
             x = x * self.lora_dropout_mask(target, x)
@@ -251,6 +281,30 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         scale = self._call_dora_scale(target)
         if columns is not None:
             scale = scale[columns]
+        return y * ops.cast(scale, y.dtype)
+
+    def _project_routed(self, target, x, y, columns, route):
+        """`y` plus each example's own adapter term (a mixed batch, see
+        `adapter_bank.py`): `(x_b @ A_b) @ (s B_b)`, DoRA-scaled per example;
+        `x` is one step `(batch, features)` or a sequence `(batch, time,
+        features)`."""
+        self.require_routable()
+        a, b, scale = self._call_routed(target, route)
+        if columns is not None:
+            b = b[:, :, columns]
+            scale = None if scale is None else scale[:, columns]
+        sequence = len(x.shape) == 3
+        low = ops.einsum(
+            "bti,bir->btr" if sequence else "bi,bir->br",
+            ops.cast(x, "float32"),
+            a,
+        )
+        term = ops.einsum("btr,brc->btc" if sequence else "br,brc->bc", low, b)
+        y = y + ops.cast(term, y.dtype)
+        if scale is None:
+            return y
+        if sequence:
+            scale = ops.expand_dims(scale, 1)
         return y * ops.cast(scale, y.dtype)
 
     def _gate_projections(self, target, xs, training, gates=None):

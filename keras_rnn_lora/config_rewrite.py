@@ -126,16 +126,17 @@ class Conversion:
     recurrent layers for the cell targets ("recurrent", "kernel"), Keras'
     Dense/EinsumDense/Embedding for theirs."""
 
-    def __init__(self, settings, wanted):
+    def __init__(self, settings, wanted, adapter_name=None):
         cell_targets = [
             t for t in settings.lora_targets if t in lora.CELL_TARGETS
         ]
+        named = {"active_adapter": adapter_name} if adapter_name else {}
         self.cell_args = (
-            {**settings.to_dict(), "lora_targets": cell_targets}
+            {**settings.to_dict(), "lora_targets": cell_targets, **named}
             if cell_targets
             else None
         )
-        keras_args = settings.to_dict()
+        keras_args = {**settings.to_dict(), **named}
         del keras_args["lora_targets"]
         self.keras_args = keras_args
         self.layer_targets = set(settings.lora_targets) & set(

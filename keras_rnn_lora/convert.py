@@ -21,8 +21,10 @@ import keras
 
 from keras_rnn_lora import config_rewrite
 from keras_rnn_lora import lora
+from keras_rnn_lora.adapter_bank import check_adapter_name
 from keras_rnn_lora.merging import MergeableLoRA
 from keras_rnn_lora.training import compile_like
+from keras_rnn_lora.walk import at_layer
 from keras_rnn_lora.walk import check_model
 from keras_rnn_lora.walk import iter_layers
 from keras_rnn_lora.walk import lora_adapters
@@ -66,9 +68,8 @@ def _lora_config(rank, config, lora_kwargs):
             )
         return config
     unknown = sorted(set(lora_kwargs) - set(lora.LORA_CONFIG_KEYS))
-    internal = sorted(
-        {"lora_merged", "trainable_base_weights"} & set(lora_kwargs)
-    )
+    fields = {f.name for f in dataclasses.fields(lora.LoRAConfig)}
+    internal = sorted((set(lora.LORA_CONFIG_KEYS) - fields) & set(lora_kwargs))
     if unknown or internal:
         raise TypeError(
             "enable_lora got unexpected keyword arguments "
@@ -91,6 +92,7 @@ def enable_lora(
     config=None,
     layers=None,
     base_dtype=None,
+    adapter_name=None,
     **lora_kwargs,
 ):
     """Returns a copy of `model` with LoRA adapters on the layers targeted.
@@ -126,9 +128,12 @@ def enable_lora(
             policy name such as `"mixed_bfloat16"`); the LoRA factors and
             their branch stay float32. Halves the base's memory and, on
             CPUs with bfloat16 matmuls, speeds the frozen work up.
+        adapter_name: the name of the adapter (default `"default"`; more
+            adapters: `keras_rnn_lora.add_adapter`).
         **lora_kwargs: the other `LoRAConfig` fields: `lora_alpha`,
             `use_rslora`, `lora_dropout`, `lora_targets`,
-            `lora_a_initializer`, `lora_b_initializer`.
+            `lora_a_initializer`, `lora_b_initializer`, `use_dora`,
+            `lora_init`.
 
     Returns:
         A new `keras.Model` of the same architecture.
@@ -144,7 +149,9 @@ def enable_lora(
     wanted = None
     if layers is not None:
         wanted = {layers} if isinstance(layers, str) else set(layers)
-    conversion = config_rewrite.Conversion(settings, wanted)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    conversion = config_rewrite.Conversion(settings, wanted, adapter_name)
     new_config = conversion.walk(keras.saving.serialize_keras_object(model))
     if wanted is not None and wanted - conversion.seen:
         raise ValueError(
@@ -271,7 +278,7 @@ def _copy_adapters(source, target):
     return set(carried)
 
 
-def to_base_model(model, dtype=None):
+def to_base_model(model, dtype=None, adapter=None):
     """The same architecture with stock Keras layers and merged weights.
 
     Its recurrent layers need nothing from this library to load or serve
@@ -286,22 +293,24 @@ def to_base_model(model, dtype=None):
             e.g. `"float32"` for a model trained with
             `enable_lora(..., base_dtype="bfloat16")`, whose adapters a
             bfloat16 kernel cannot hold. Default: each layer's own.
+        adapter: the named adapter to fold in (default: the active one);
+            `"base"` folds none in: the base model itself.
     """
     check_model(model, "to_base_model", built=True)
     adapters = require_adapters(model, "to_base_model")
     policy = None if dtype is None else _check_base_dtype(dtype, "dtype")
+    if adapter not in (None, "base"):
+        _require_adapter_name(model, adapter)
     merged_values = {}
-    for path, adapter in adapters.items():
-        if adapter.lora_merged:  # the kernels already hold the merge
-            continue
-        try:
-            merged = adapter.merged_kernels(
-                dtype=policy.variable_dtype if policy else None
-            )
-        except ValueError as error:
-            raise ValueError(f"Layer '{path}': {error}") from None
+    for path, host in adapters.items():
+        merged = at_layer(
+            path,
+            host.folded_kernels,
+            adapter,
+            policy.variable_dtype if policy else None,
+        )
         for target, value in merged.items():
-            merged_values[id(adapter.lora_kernel(target))] = value
+            merged_values[id(host.lora_kernel(target))] = value
     config = config_rewrite.stock_config(
         keras.saving.serialize_keras_object(model)
     )
@@ -311,3 +320,14 @@ def to_base_model(model, dtype=None):
     base = keras.saving.deserialize_keras_object(config)
     _copy_base_weights(model, base, merged_values)
     return compile_like(base, model, build=True)
+
+
+def _require_adapter_name(model, name):
+    from keras_rnn_lora.named_adapters import list_adapters
+
+    names = list_adapters(model)
+    if name not in names:
+        raise ValueError(
+            "Received an invalid value for `adapter`, expected None, 'base' "
+            f"or one of {names}. Received: adapter={name!r}"
+        )

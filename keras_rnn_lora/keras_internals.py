@@ -51,11 +51,27 @@ def weights_addable(layer):
     """Lets `layer` create weights after Keras locked its tracker: Keras'
     `enable_lora` locks it (`layer._tracker.lock()`) once it has added its
     factors, and DoRA's magnitude comes after them."""
-    layer._tracker.unlock()
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
     try:
         yield
     finally:
-        layer._tracker.lock()
+        if locked:
+            tracker.lock()
+
+
+def untrack_weights(layer, weights):
+    """Removes `weights` from `layer`'s variable lists
+    (`layer._trainable_variables`, `layer._non_trainable_variables`), which
+    Keras offers no public way to do: a deleted named adapter's variables
+    leave the layer."""
+    ids = {id(w) for w in weights}
+    for variables in (
+        layer._trainable_variables,
+        layer._non_trainable_variables,
+    ):
+        variables[:] = [v for v in variables if id(v) not in ids]
 
 
 # -- attributes Keras must not track ------------------------------------------
@@ -253,6 +269,8 @@ def agree_on_random_seed():
 PRIVATE_NAMES = (
     ("LSTMCell._compute_carry_and_output_fused", keras.layers.LSTMCell),
     ("Layer._tracker", keras.layers.Dense(1)),
+    ("Layer._trainable_variables", keras.layers.Dense(1)),
+    ("Layer._non_trainable_variables", keras.layers.Dense(1)),
     ("BackupAndRestore._save_model", keras.callbacks.BackupAndRestore),
     # An instance attribute: checked on `SGD()`.
     ("Optimizer._learning_rate", keras.optimizers.SGD),

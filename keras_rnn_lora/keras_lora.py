@@ -35,6 +35,7 @@ from keras import ops
 
 from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
+from keras_rnn_lora import routing
 from keras_rnn_lora import variants
 from keras_rnn_lora.merging import MergeableLoRA
 
@@ -47,6 +48,7 @@ class KerasLoRALayer(MergeableLoRA):
     """
 
     stock_class = None
+    model_target = None  # its `lora_targets` name in `enable_lora`
     factor_names = ("lora_kernel_a", "lora_kernel_b")
     dora_allowed = True
 
@@ -76,6 +78,8 @@ class KerasLoRALayer(MergeableLoRA):
         arguments = dict(arguments)
         merged = arguments.pop("lora_merged", False)
         trainable_base = arguments.pop("trainable_base_weights", None)
+        named = arguments.pop("named_adapters", None)
+        active = arguments.pop("active_adapter", None)
         targets = lora.validate_lora_targets(
             arguments.pop("lora_targets", "kernel"), ("kernel",)
         )
@@ -88,7 +92,7 @@ class KerasLoRALayer(MergeableLoRA):
                 f"lora_dropout={config.lora_dropout}"
             )
         self.check_dora(config.use_dora)
-        self.init_lora(config, merged, trainable_base)
+        self.init_lora(config, merged, trainable_base, named, active)
 
     @classmethod
     def check_dora(cls, use_dora):
@@ -144,6 +148,28 @@ class KerasLoRALayer(MergeableLoRA):
             return kernel
         return kernel * ops.cast(self.dora_scale("kernel"), kernel.dtype)
 
+    def call(self, inputs, training=None):
+        route = routing.current()
+        if route is None:  # Keras' own call (none of the three uses training)
+            return super().call(inputs)
+        self.require_routable()
+        a, b, scale = self.routed_factors("kernel", route.names, route.ids)
+        return self.routed_call(inputs, a, b, scale)
+
+    def routed_call(self, inputs, a, b, scale):
+        """The layer's output for a mixed batch: each example with its own
+        factors `a`, `b` (already times its scale) and DoRA `scale` (see
+        `adapter_bank.py`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _per_example_scale(y, scale):
+        if scale is None:
+            return y
+        for _ in range(len(y.shape) - 2):
+            scale = ops.expand_dims(scale, 1)
+        return y * ops.cast(scale, y.dtype)
+
     def get_config(self):
         config = super().get_config()
         # Keras' own LoRA settings: this layer enables LoRA itself.
@@ -167,6 +193,8 @@ _ARGS_DOC = """
         lora_init: as for `keras_rnn_lora.LoRAConfig`.
         lora_merged: as for the LoRA cells.
         trainable_base_weights: as for the LoRA cells.
+        named_adapters: as for the LoRA cells.
+        active_adapter: as for the LoRA cells.
         **kwargs: every other argument of `keras.layers.{layer}`.
 """
 
@@ -186,6 +214,7 @@ class LoRADense(KerasLoRALayer, keras.layers.Dense):
     """
 
     stock_class = keras.layers.Dense
+    model_target = "dense"
 
     def __init__(self, units, rank=None, **kwargs):
         arguments = self._pop_lora_arguments(kwargs)
@@ -195,6 +224,17 @@ class LoRADense(KerasLoRALayer, keras.layers.Dense):
     @property
     def kernel(self):
         return self.dora_kernel(keras.layers.Dense.kernel.fget(self))
+
+    def routed_call(self, inputs, a, b, scale):
+        x = ops.cast(inputs, self.compute_dtype)
+        y = ops.matmul(x, ops.cast(self.lora_kernel(), self.compute_dtype))
+        spec = _per_example_spec(x, "Dense")
+        low = ops.einsum(f"{spec}i,bir->{spec}r", ops.cast(x, "float32"), a)
+        y = y + ops.cast(ops.einsum(f"{spec}r,brc->{spec}c", low, b), y.dtype)
+        y = self._per_example_scale(y, scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.activation is None else self.activation(y)
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
@@ -212,6 +252,7 @@ class LoRAEinsumDense(KerasLoRALayer, keras.layers.EinsumDense):
     """
 
     stock_class = keras.layers.EinsumDense
+    model_target = "einsum_dense"
 
     def __init__(self, equation, output_shape, rank=None, **kwargs):
         arguments = self._pop_lora_arguments(kwargs)
@@ -221,6 +262,23 @@ class LoRAEinsumDense(KerasLoRALayer, keras.layers.EinsumDense):
     @property
     def kernel(self):
         return self.dora_kernel(keras.layers.EinsumDense.kernel.fget(self))
+
+    def routed_call(self, inputs, a, b, scale):
+        x = ops.cast(inputs, self.compute_dtype)
+        y = ops.einsum(
+            self.equation, x, ops.cast(self.lora_kernel(), self.compute_dtype)
+        )
+        # Each example's own kernel update, then the equation with the
+        # batch axis added to the kernel's side.
+        per_example = ops.einsum("b...r,brc->b...c", a, b)
+        y = y + ops.cast(
+            ops.einsum(_batched_equation(self.equation), x, per_example),
+            y.dtype,
+        )
+        y = self._per_example_scale(y, scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.activation is None else self.activation(y)
 
 
 @keras.saving.register_keras_serializable(package="keras_rnn_lora")
@@ -238,6 +296,7 @@ class LoRAEmbedding(KerasLoRALayer, keras.layers.Embedding):
     """
 
     stock_class = keras.layers.Embedding
+    model_target = "embedding"
     factor_names = ("lora_embeddings_a", "lora_embeddings_b")
     dora_allowed = False
 
@@ -245,6 +304,20 @@ class LoRAEmbedding(KerasLoRALayer, keras.layers.Embedding):
         arguments = self._pop_lora_arguments(kwargs)
         super().__init__(input_dim, output_dim, **kwargs)
         self._init_lora_arguments(rank, arguments)
+
+    def routed_call(self, inputs, a, b, scale):
+        tokens = ops.cast(inputs, "int32")
+        table = self.lora_kernel()
+        y = ops.cast(ops.take(table, tokens, axis=0), self.compute_dtype)
+        # Row `tokens[b, t]` of example b's own A: rows of the stacked A.
+        rows, rank = a.shape[1], a.shape[2]
+        offsets = ops.arange(ops.shape(tokens)[0], dtype="int32") * rows
+        for _ in range(len(tokens.shape) - 1):
+            offsets = ops.expand_dims(offsets, -1)
+        low = ops.take(ops.reshape(a, (-1, rank)), tokens + offsets, axis=0)
+        spec = "bt" if len(tokens.shape) == 2 else "b"
+        term = ops.einsum(f"{spec}r,brc->{spec}c", low, b)
+        return y + ops.cast(term, y.dtype)
 
 
 for _cls, _args in (
@@ -271,8 +344,29 @@ for _cls, _args in (
 
 KERAS_LORA_LAYERS = (LoRADense, LoRAEinsumDense, LoRAEmbedding)
 #: Model-wide `lora_targets` name -> the LoRA twin of a Keras layer class.
-LORA_LAYER_FOR_TARGET = {
-    "dense": LoRADense,
-    "einsum_dense": LoRAEinsumDense,
-    "embedding": LoRAEmbedding,
-}
+LORA_LAYER_FOR_TARGET = {cls.model_target: cls for cls in KERAS_LORA_LAYERS}
+
+
+def _per_example_spec(x, layer):
+    """The einsum letters of `x`'s leading axes: batch, and time if any."""
+    if len(x.shape) not in (2, 3):
+        raise ValueError(
+            f"A mixed batch through {layer} needs inputs of rank 2 or 3 "
+            f"(batch[, time], features). Received: shape={x.shape}"
+        )
+    return "b" if len(x.shape) == 2 else "bt"
+
+
+def _batched_equation(equation):
+    """`"ab,bc->ac"` as `"ab,abc->ac"`: the kernel gets the input's first
+    (batch) axis, so each example has its own kernel."""
+    inputs, output = equation.split("->")
+    x_spec, kernel_spec = inputs.split(",")
+    batch = x_spec[:1]
+    if not batch.isalpha() or batch in kernel_spec or output[:1] != batch:
+        raise ValueError(
+            "A mixed batch through EinsumDense needs an equation whose "
+            "input and output start with the batch axis, absent from the "
+            f"kernel. Received: equation={equation!r}"
+        )
+    return f"{x_spec},{batch}{kernel_spec}->{output}"

@@ -31,6 +31,7 @@ from keras_rnn_lora import cell_views
 from keras_rnn_lora import cells
 from keras_rnn_lora import keras_internals
 from keras_rnn_lora import lora
+from keras_rnn_lora import routing
 
 #: On torch without a GPU, the widest GRU/LSTM whose training step is faster
 #: on Keras' own torch loop fed `W + s*A@B` than on the factored loop
@@ -210,6 +211,8 @@ class LoRARecurrentLayer:
         cannot apply it)."""
         if self.use_cudnn_setting not in ("auto", True):
             return False
+        if routing.current() is not None:  # each example its own adapter
+            return False
         if training and self.cell.lora_dropout > 0:
             return False
         if accelerator_present():
@@ -311,8 +314,12 @@ _SAME_AS_CELL = (
     "lora_targets",
     "lora_a_initializer",
     "lora_b_initializer",
+    "use_dora",
+    "lora_init",
     "lora_merged",
     "trainable_base_weights",
+    "named_adapters",
+    "active_adapter",
 )
 
 

@@ -271,6 +271,8 @@ LORA_CONFIG_KEYS = (
     *(field.name for field in dataclasses.fields(LoRAConfig)),
     "lora_merged",
     "trainable_base_weights",
+    "named_adapters",
+    "active_adapter",
 )
 
 
@@ -376,6 +378,28 @@ def merged_kernel(base, a, b, scaling, dtype, where, magnitude=None):
                 "which merges into float32 kernels. Nothing was changed."
             )
     return merged
+
+
+def checked_factors(owner, shapes, values):
+    """`values` (factor name -> array) as float32, checked against `shapes`
+    (factor name -> shape): the same names, each shape, finite values.
+    `owner` names what holds them in the errors ("'gru_cell'")."""
+    if set(values) != set(shapes):
+        raise ValueError(
+            f"{owner} has the factors {sorted(shapes)}; received values "
+            f"for {sorted(values)}."
+        )
+    arrays = {}
+    for name, value in values.items():
+        array = np.asarray(value)
+        if tuple(array.shape) != tuple(shapes[name]):
+            raise ValueError(
+                f"{owner}: factor {name!r} has shape {tuple(shapes[name])}; "
+                f"received {tuple(array.shape)}."
+            )
+        check_finite(array, f"factor {name!r} of {owner}")
+        arrays[name] = array.astype("float32")
+    return arrays
 
 
 def check_finite(value, what):

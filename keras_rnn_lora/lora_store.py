@@ -31,7 +31,8 @@ def premerge_key(layer, target):
 class Stored:
     """A layer's stored weights, read and checked before any is assigned."""
 
-    def __init__(self, base, factors, merged, premerge):
+    def __init__(self, base, factors, merged, premerge, bank):
+        self.bank = bank  # banked adapters' variable name -> array
         self.base = base  # the stock weights, in order
         self.factors = factors  # factor name -> array, None in a stock store
         self.merged = merged  # whether the stored kernels are merged
@@ -46,8 +47,10 @@ def read_store(layer, store):
     factor_weights = layer.lora_weights
     names = {w.name for w in factor_weights}
     premerge_keys = {premerge_key(layer, t): t for t in layer.lora_targets}
+    bank_weights = {w.name: w for w in layer.bank_weights()}
     positions = {str(i) for i in range(len(base_weights))}
     unknown = keys - positions - names - {MERGED_KEY} - set(premerge_keys)
+    unknown -= set(bank_weights)
     if not keys and positions:
         raise ValueError(
             f"'{layer.name}' ({type(layer).__name__}) found no stored "
@@ -106,4 +109,11 @@ def read_store(layer, store):
             f"'{layer.name}': the stored weights hold pre-merge kernels but "
             "say they are not merged."
         )
-    return Stored(base, factors, merged, premerge)
+    if set(bank_weights) - keys:
+        raise ValueError(
+            f"'{layer.name}': the stored weights lack the named adapters' "
+            f"{sorted(set(bank_weights) - keys)}; was the file saved before "
+            "they were added?"
+        )
+    bank = {key: read(key, weight) for key, weight in bank_weights.items()}
+    return Stored(base, factors, merged, premerge, bank)

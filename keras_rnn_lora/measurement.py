@@ -1,28 +1,20 @@
 """Measuring what LoRA costs, honestly on a noisy machine.
 
 - `PeakMemory`: the peak resident memory of this process above a baseline,
-  sampled in a thread (and the accelerator's own peak where the backend
-  reports one).
+  sampled in a thread; `device_peak_mb`: the accelerator's own peak, where
+  the backend reports one.
 - `interleaved_times`: several steps timed round after round (A B C, A B
   C, ...), so that every one sees the same machine load; compare them with
   `ratio_summary` (median and range of per-round ratios), never across
   separate runs.
-- `in_fresh_process` / `report`: a measurement run in a Python process of
-  its own (peak memory, cold start), its result handed back as JSON.
 
 Used by `benchmarks/` and the main job alike.
 """
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
-
-#: What `report` prints before its JSON, for `in_fresh_process` to find.
-RESULT_MARKER = "MEASURED "
 
 
 def rss_bytes():
@@ -137,39 +129,4 @@ def ratio_summary(times, numerator, denominator):
     times[denominator][r]`."""
     return summary(
         a / b for a, b in zip(times[numerator], times[denominator], strict=True)
-    )
-
-
-def report(value):
-    """Prints `value` as JSON, marked for `in_fresh_process` to read back."""
-    print(RESULT_MARKER + json.dumps(value), flush=True)
-
-
-def in_fresh_process(script, *argv, timeout=900):
-    """Runs the Python source `script` in a new interpreter (this one, this
-    environment; `argv` as `sys.argv[1:]`) and returns the value it passed
-    to `report`.
-
-    Raises:
-        RuntimeError: the script reported nothing (it failed or timed
-            out); the message ends with its stderr.
-    """
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", script, *map(str, argv)],
-            capture_output=True,
-            text=True,
-            env=os.environ,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as error:
-        raise RuntimeError(
-            f"The measurement did not finish within {timeout} s."
-        ) from error
-    for line in result.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER) :])
-    raise RuntimeError(
-        f"The measurement reported no result (exit status "
-        f"{result.returncode}). Its stderr ends:\n{result.stderr[-2000:]}"
     )

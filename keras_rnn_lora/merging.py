@@ -22,19 +22,29 @@ import numpy as np
 from keras_rnn_lora import lora
 from keras_rnn_lora import lora_store
 from keras_rnn_lora import variants
+from keras_rnn_lora.adapter_bank import AdapterBank
 from keras_rnn_lora.trainability import LoRATrainability
 from keras_rnn_lora.trainability import check_trainable_base_weights
 
 
-class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
+class MergeableLoRA(LoRATrainability, variants.AdaptedKernels, AdapterBank):
     """Merge, unmerge and save the adapter of the host layer (see module)."""
 
     lora_noun = "layer"  # what messages call the host
 
-    def init_lora(self, config, lora_merged, trainable_base_weights=None):
+    def init_lora(
+        self,
+        config,
+        lora_merged,
+        trainable_base_weights=None,
+        named_adapters=None,
+        active_adapter=None,
+    ):
         """Stores the adapter's `LoRAConfig`, the attributes read from it,
-        the merge state and which base weights train (see
-        `set_trainable_base_weights`). Called by the host's `__init__`."""
+        the merge state, which base weights train (see
+        `set_trainable_base_weights`) and the named adapters (see
+        `adapter_bank.py`). Called by the host's `__init__`."""
+        self.init_bank(named_adapters, active_adapter)
         self.lora_config = config
         self.rank = config.rank
         self.use_rslora = config.use_rslora
@@ -151,6 +161,7 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
                 b.assign(np.zeros(b.shape, "float32"))
         else:
             self.initialize_from_base()
+        self.build_bank()
         self._apply_trainability()
 
     def merged_kernels(self, factors=None, dtype=None):
@@ -263,23 +274,11 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
         would take them, changing nothing: names, shapes, finite values and,
         while merged, a finite merged kernel. Returns them as float32."""
         self.require_built("set_lora_factors")
-        weights = {w.name: w for w in self.lora_weights}
-        if set(values) != set(weights):
-            raise ValueError(
-                f"'{self.name}' has the factors {sorted(weights)}; "
-                f"received values for {sorted(values)}."
-            )
-        arrays = {}
-        for name, value in values.items():
-            array = np.asarray(value)
-            if tuple(array.shape) != tuple(weights[name].shape):
-                raise ValueError(
-                    f"'{self.name}': factor '{name}' has shape "
-                    f"{tuple(weights[name].shape)}; received "
-                    f"{tuple(array.shape)}."
-                )
-            lora.check_finite(array, f"factor '{name}' of '{self.name}'")
-            arrays[name] = array.astype("float32")
+        arrays = lora.checked_factors(
+            f"'{self.name}'",
+            {w.name: w.shape for w in self.lora_weights},
+            values,
+        )
         if self._lora_merged:
             self.merged_kernels(arrays)
         return arrays
@@ -304,7 +303,7 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
     # -- saving ---------------------------------------------------------------
 
     def _stock_weights(self):
-        lora_ids = {id(w) for w in self.lora_weights}
+        lora_ids = {id(w) for w in (*self.lora_weights, *self.bank_weights())}
         return [w for w in self.weights if id(w) not in lora_ids]
 
     def base_weights(self):
@@ -326,6 +325,8 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
         if self._lora_merged and known:
             for target, kernel in self._premerge_kernels.items():
                 store[lora_store.premerge_key(self, target)] = kernel
+        for weight in self.bank_weights():
+            store[weight.name] = weight
 
     def load_own_variables(self, store):
         """Loads this layer's store, or a stock layer's (the adapter then
@@ -343,6 +344,8 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
             # merged, whatever state it was in.
             for weight, value in zip(base, stored.base, strict=True):
                 weight.assign(value)
+            for weight in self.bank_weights():
+                weight.assign(stored.bank[weight.name])
             self._set_merged(stored_kernels, None, None)
             return
         kernels = stored.premerge if stored.merged else stored_kernels
@@ -353,6 +356,8 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
         # Every value is known and checked: assign.
         for weight, value in zip(base, stored.base, strict=True):
             weight.assign(value)
+        for weight in self.bank_weights():
+            weight.assign(stored.bank[weight.name])
         if self._lora_merged:
             self._set_merged(merged, dict(kernels), dict(factors))
         else:
@@ -388,4 +393,5 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels):
                 if self.trainable_base_weights is None
                 else list(self.trainable_base_weights)
             ),
+            **self.bank_config_entries(),
         }

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from keras_rnn_lora.merging import MergeableLoRA
+from keras_rnn_lora.walk import at_layer
 from keras_rnn_lora.walk import check_model
 from keras_rnn_lora.walk import child_layers
 from keras_rnn_lora.walk import iter_layers
@@ -269,15 +270,7 @@ def _table(adapters, layers):
     return [rule, line(header), rule, *map(line, rows), rule]
 
 
-def _at(path, function, *args):
-    """Calls `function`, naming the layer `path` in a `ValueError`."""
-    try:
-        return function(*args)
-    except ValueError as error:
-        raise ValueError(f"Layer '{path}': {error}") from None
-
-
-def merge_lora(model, reset=False):
+def merge_lora(model, reset=False, adapter=None):
     """Merges every adapter of `model` (see `LoRAGRUCell.merge_lora`).
 
     All merges are checked before any is made: if one would write NaN or
@@ -296,14 +289,27 @@ def merge_lora(model, reset=False):
             starts a fresh adapter on the merged base (new `A`, `B = 0`),
             ready for the next round of incremental learning: the model's
             outputs are unchanged and it is unmerged.
+        adapter: a named adapter to make active and merge (default: the
+            active one; see `keras_rnn_lora.set_adapter`).
 
     Returns:
         `model`, for chaining.
     """
     adapters = require_adapters(model, "merge_lora")
+    if adapter is not None:
+        from keras_rnn_lora.named_adapters import set_adapter
+
+        set_adapter(model, adapter)
     for path, adapter in adapters.items():
+        if reset and len(adapter.adapter_names()) > 1:
+            raise ValueError(
+                f"Layer '{path}': `merge_lora(reset=True)` would change the "
+                "base every named adapter of the model was trained on "
+                f"({adapter.adapter_names()}). Delete the others first, or "
+                "merge without reset."
+            )
         if not adapter.lora_merged:
-            _at(path, adapter.merged_kernels)
+            at_layer(path, adapter.merged_kernels)
     for adapter in adapters.values():
         adapter.merge_lora(reset=reset)
     return recompile(model)
@@ -314,7 +320,7 @@ def unmerge_lora(model):
     compiled model is recompiled: its factors train again)."""
     adapters = require_adapters(model, "unmerge_lora")
     for path, adapter in adapters.items():
-        _at(path, adapter.require_known_adapter, "unmerge_lora")
+        at_layer(path, adapter.require_known_adapter, "unmerge_lora")
     for adapter in adapters.values():
         adapter.unmerge_lora()
     return recompile(model)

@@ -76,6 +76,14 @@ def lora_adapters(model):
     }
 
 
+def at_layer(path, function, *args):
+    """`function(*args)`, a `ValueError` from it naming the layer `path`."""
+    try:
+        return function(*args)
+    except ValueError as error:
+        raise ValueError(f"Layer '{path}': {error}") from None
+
+
 def require_adapters(model, function):
     """`lora_adapters(model)`, or a `ValueError` saying to convert the
     model first when it has none."""
@@ -103,9 +111,10 @@ def lora_cells(model):
 
 
 def lora_weight_ids(model):
-    """The ids of every LoRA factor in `model`."""
+    """The ids of every adapter variable in `model`: the live factors and
+    the named adapters' banked ones."""
     return {
         id(w)
         for adapter in lora_adapters(model).values()
-        for w in adapter.lora_weights
+        for w in (*adapter.lora_weights, *adapter.bank_weights())
     }

@@ -49,26 +49,3 @@ def test_summaries_are_of_per_round_ratios():
     assert ratios == {"median": 0.5, "min": 0.25, "max": 1.0, "rounds": 3}
     with pytest.raises(ValueError):  # rounds must pair up
         measurement.ratio_summary({"a": [1.0], "b": [1.0, 2.0]}, "a", "b")
-
-
-def test_in_fresh_process_returns_what_the_script_reports():
-    script = (
-        "import sys, keras\n"
-        "from keras_rnn_lora.measurement import report\n"
-        "print('noise before the result')\n"
-        "report({'argv': sys.argv[1:], 'backend': keras.backend.backend()})\n"
-    )
-    result = measurement.in_fresh_process(script, "x", 3)
-    assert result["argv"] == ["x", "3"]
-    import keras
-
-    assert result["backend"] == keras.backend.backend()
-
-
-def test_in_fresh_process_errors_carry_the_scripts_stderr():
-    with pytest.raises(RuntimeError, match=r"exit status 1(.|\n)*boom"):
-        measurement.in_fresh_process("raise SystemExit('boom')")
-    with pytest.raises(RuntimeError, match="reported no result"):
-        measurement.in_fresh_process("print('no marker')")
-    with pytest.raises(RuntimeError, match="within 1 s"):
-        measurement.in_fresh_process("import time; time.sleep(30)", timeout=1)

@@ -236,7 +236,9 @@ def test_trainability_survives_keras_save_and_load(bias, tmp_path):
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "Skipping variable loading ..."
+        warnings.simplefilter(
+            "error", UserWarning
+        )  # "Skipping variable loading ..."
         loaded = keras.saving.load_model(path)
     assert sorted(w.path for w in loaded.trainable_weights) == expected
     before = {w.path: to_numpy(w) for w in loaded.weights}

@@ -9,6 +9,7 @@ import warnings
 
 from keras import ops
 
+from keras_rnn_lora import routing
 from keras_rnn_lora.checks import check_positive_int
 from keras_rnn_lora.translation.decoding import decode
 
@@ -20,6 +21,7 @@ def translate(
     beam_width=1,
     decoder=None,
     batch_size=64,
+    adapters=None,
 ):
     """Translates sentences: greedy, or beam search when `beam_width > 1`,
     `batch_size` sentences at a time.
@@ -35,6 +37,10 @@ def translate(
             preprocessor.max_length)` to reuse across calls (much faster for
             many batches).
         batch_size: sentences decoded at once, a positive integer.
+        adapters: for a model with named adapters, the adapter of each
+            sentence (a list as long as `sentences`) or of all of them (one
+            name); `None` or `"base"` for the base model (see
+            `keras_rnn_lora.call_with_adapters`). Greedy decoding only.
 
     Returns:
         A list of strings, one per sentence; for one string, its
@@ -54,10 +60,15 @@ def translate(
                 "string or a list of strings. Received: an item of type "
                 f"{type(sentence).__name__} at index {index}"
             )
+    routes = _routes(model, adapters, len(sentences), beam_width, decoder)
     translations = []
     for start in range(0, len(sentences), batch_size):
         batch = preprocessor.source_batch(sentences[start : start + batch_size])
-        if decoder is None:
+        if routes is not None:
+            names, ids = routes
+            with routing.routed(names, ids[start : start + batch_size]):
+                tokens, _ = decode(model, batch, 1, preprocessor.max_length)
+        elif decoder is None:
             tokens, _ = decode(
                 model, batch, beam_width, preprocessor.max_length
             )
@@ -74,6 +85,30 @@ def translate(
             stacklevel=2,
         )
     return translations[0] if one else translations
+
+
+def _routes(model, adapters, count, beam_width, decoder):
+    """`(names, ids)` for per-sentence adapters, or `None`."""
+    if adapters is None:
+        return None
+    from keras_rnn_lora.named_adapters import adapter_ids
+    from keras_rnn_lora.named_adapters import list_adapters
+
+    if beam_width != 1 or decoder is not None:
+        raise ValueError(
+            f"Received `adapters` with beam_width={beam_width} and a "
+            "decoder: per-sentence adapters decode greedily, without a "
+            "compiled decoder (beam_width=1, decoder=None)."
+        )
+    if isinstance(adapters, str):
+        adapters = [adapters] * count
+    adapters = list(adapters)
+    if len(adapters) != count:
+        raise ValueError(
+            f"Received {len(adapters)} `adapters` for {count} sentences: "
+            "one per sentence, or one name for all."
+        )
+    return list_adapters(model), adapter_ids(model, adapters)
 
 
 def _has_text(texts):

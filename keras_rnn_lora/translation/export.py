@@ -21,6 +21,7 @@ into a TensorFlow-backend process that runs this module:
 """
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -29,8 +30,10 @@ import keras
 import numpy as np
 
 from keras_rnn_lora.convert import to_base_model
+from keras_rnn_lora.translation import multi_adapter
 from keras_rnn_lora.translation import serving_versions
 from keras_rnn_lora.translation.decoding import greedy_decode
+from keras_rnn_lora.walk import at_layer
 from keras_rnn_lora.walk import iter_layers
 from keras_rnn_lora.walk import lora_adapters
 
@@ -52,6 +55,8 @@ def export_translator(
     version=None,
     overwrite=False,
     merge=True,
+    adapters=None,
+    default_adapter=None,
 ):
     """Exports `model` with its preprocessor as a TF Serving SavedModel.
 
@@ -66,6 +71,16 @@ def export_translator(
         overwrite: replace an existing `version` (default: refuse).
         merge: `True` (default) serves the merged base model. `False` keeps
             the LoRA branch in the graph: only for measuring its cost.
+        adapters: `None` (default) serves one model (as `merge` says), or
+            the names of the model's adapters to serve from one SavedModel
+            (`"all"`: every adapter and `"base"`, the model without any), each
+            request choosing per example: `serving_default` then takes
+            `text` and `adapter` (strings, `[None]`; an empty `adapter` is
+            `default_adapter`), an unknown name fails the request
+            (`INVALID_ARGUMENT`) naming the known ones, and the signature
+            `adapters` lists them. The adapters are stored factored.
+        default_adapter: the adapter of requests that name none (default:
+            the model's active adapter).
 
     Returns:
         The path of the written version folder.
@@ -84,16 +99,69 @@ def export_translator(
     model_dir = os.path.join(os.path.abspath(export_dir), name)
     if version is not None and not overwrite:
         serving_versions.refuse_existing(os.path.join(model_dir, str(version)))
-    # Merged once here; the serving model carries no LoRA layer.
-    serving = to_base_model(model) if merge and lora_adapters(model) else model
+    routes = None
+    if adapters is not None:
+        routes = served_adapters(model, adapters, default_adapter)
+        serving = model
+    elif merge and lora_adapters(model):
+        # Merged once here; the serving model carries no LoRA layer.
+        dtype = "float32" if _half_precision(model) else None
+        serving = to_base_model(model, dtype=dtype)
+    else:
+        serving = model
     refuse_non_finite(serving)
     with serving_versions.staging_folder(model_dir) as staging:
         export = os.path.join(staging, "export")
         if keras.backend.backend() == "tensorflow":
-            write_savedmodel(serving, preprocessor, export, name)
+            write_savedmodel(serving, preprocessor, export, name, routes)
         else:
-            _write_in_tensorflow_process(serving, preprocessor, staging, name)
+            _write_in_tensorflow_process(
+                serving, preprocessor, staging, name, routes
+            )
         return serving_versions.publish(export, model_dir, version, overwrite)
+
+
+def _half_precision(model):
+    """Whether an adapted kernel of `model` is bfloat16 or float16 (which
+    cannot hold a merge: the export is then float32)."""
+    return any(
+        keras.backend.standardize_dtype(a.lora_kernel(t).dtype)
+        in ("bfloat16", "float16")
+        for a in lora_adapters(model).values()
+        for t in a.lora_targets
+    )
+
+
+def served_adapters(model, adapters, default_adapter=None):
+    """`(names, served, default)`: every adapter `model` holds (the routing
+    order), the names a request may use (`"base"` among them if asked
+    for), and the one an empty name means; checked."""
+    from keras_rnn_lora.named_adapters import active_adapter
+    from keras_rnn_lora.named_adapters import list_adapters
+
+    names = list_adapters(model)
+    for path, host in lora_adapters(model).items():
+        at_layer(path, host.require_routable)
+    if adapters == "all":
+        served = [*names, "base"]
+    elif isinstance(adapters, str):
+        served = [adapters]
+    else:
+        served = list(adapters)
+    unknown = [a for a in served if a not in names and a != "base"]
+    if unknown or not served or len(set(served)) != len(served):
+        raise ValueError(
+            "Received an invalid value for `adapters`, expected 'all' or "
+            f"names from {names} (or 'base'). Received: adapters={adapters!r}"
+        )
+    default = default_adapter or active_adapter(model)
+    if default not in served:
+        raise ValueError(
+            "Received an invalid value for `default_adapter`, expected one "
+            f"of the served adapters {served}. Received: "
+            f"default_adapter={default_adapter!r}"
+        )
+    return names, served, default
 
 
 def refuse_non_finite(model):
@@ -113,24 +181,30 @@ def refuse_non_finite(model):
             )
 
 
-def write_savedmodel(model, preprocessor, path, name):
+def write_savedmodel(model, preprocessor, path, name, routes=None):
     """Writes the serving SavedModel of `model` to `path` (TensorFlow
-    backend): the signatures and the warmup records."""
+    backend): the signatures and the warmup records; with `routes` (see
+    `served_adapters`) the per-request adapters."""
     import tensorflow as tf
 
     # Before tracing: the graph must capture live tokenizer resources.
     preprocessor.revive_tokenizers()
-    module = _translator_module(model, preprocessor)
+    if routes is None:
+        module = _translator_module(model, preprocessor)
+        signatures = {
+            "serving_default": module.serve_text,
+            "translate_tokens": module.serve_tokens,
+        }
+    else:
+        module = multi_adapter.module(model, preprocessor, routes)
+        signatures = {
+            "serving_default": module.serve_text,
+            "translate_tokens": module.serve_tokens,
+            "adapters": module.adapters,
+        }
     with _fused_kernels_off(model):
-        tf.saved_model.save(
-            module,
-            path,
-            signatures={
-                "serving_default": module.serve_text,
-                "translate_tokens": module.serve_tokens,
-            },
-        )
-    _write_warmup(path, name)
+        tf.saved_model.save(module, path, signatures=signatures)
+    _write_warmup(path, name, None if routes is None else routes[1])
 
 
 @contextlib.contextmanager
@@ -155,29 +229,37 @@ def _fused_kernels_off(model):
             layer.use_cudnn = setting
 
 
-def _write_warmup(path, name):
+def _write_warmup(path, name, adapters=None):
+    """The warmup records: the warmup sentences, once per served adapter."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
     from tensorflow_serving.apis import prediction_log_pb2
 
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.model_spec.signature_name = "serving_default"
-    request.inputs["text"].CopyFrom(
-        tf.make_tensor_proto(list(WARMUP_SENTENCES), dtype=tf.string)
-    )
-    log = prediction_log_pb2.PredictionLog(
-        predict_log=prediction_log_pb2.PredictLog(request=request)
-    )
     extra = os.path.join(path, "assets.extra")
     os.makedirs(extra, exist_ok=True)
     with tf.io.TFRecordWriter(
         os.path.join(extra, "tf_serving_warmup_requests")
     ) as writer:
-        writer.write(log.SerializeToString())
+        for adapter in adapters or [None]:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = name
+            request.model_spec.signature_name = "serving_default"
+            request.inputs["text"].CopyFrom(
+                tf.make_tensor_proto(list(WARMUP_SENTENCES), dtype=tf.string)
+            )
+            if adapter is not None:
+                request.inputs["adapter"].CopyFrom(
+                    tf.make_tensor_proto(
+                        [adapter] * len(WARMUP_SENTENCES), dtype=tf.string
+                    )
+                )
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log.SerializeToString())
 
 
-def _write_in_tensorflow_process(model, preprocessor, staging, name):
+def _write_in_tensorflow_process(model, preprocessor, staging, name, routes):
     """Carries the model into a TensorFlow-backend process (this module's
     `main`) that writes `staging/export`."""
     model_path = os.path.join(staging, "model.keras")
@@ -192,6 +274,7 @@ def _write_in_tensorflow_process(model, preprocessor, staging, name):
         preprocessor_dir,
         os.path.join(staging, "export"),
         name,
+        json.dumps(routes),
     ]
     env = dict(os.environ, KERAS_BACKEND="tensorflow")
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -245,10 +328,10 @@ def main(argv=None):
     """The TensorFlow-backend side of `export_translator` (see module)."""
     from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
 
-    model_path, preprocessor_dir, path, name = argv or sys.argv[1:]
+    model_path, preprocessor_dir, path, name, routes = argv or sys.argv[1:]
     model = keras.saving.load_model(model_path, compile=False)
     preprocessor = TranslationPreprocessor.load(preprocessor_dir)
-    write_savedmodel(model, preprocessor, path, name)
+    write_savedmodel(model, preprocessor, path, name, json.loads(routes))
 
 
 if __name__ == "__main__":

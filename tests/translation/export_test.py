@@ -530,3 +530,72 @@ def test_only_ascii_decimal_folders_are_versions(tmp_path):
             os.path.join(staging, "export"), str(model_dir)
         )
     assert path == str(model_dir / "2")
+
+
+SERVE_ADAPTERS = """
+import json, sys
+sys.modules["keras_rnn_lora"] = None  # importing it would fail here
+import tensorflow as tf
+import tensorflow_text  # registers the SentencePiece ops
+loaded = tf.saved_model.load(sys.argv[1])
+serve = loaded.signatures["serving_default"]
+texts, adapters = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+out = serve(text=tf.constant(texts), adapter=tf.constant(adapters))
+names = loaded.signatures["adapters"]()["adapters"].numpy()
+try:
+    serve(text=tf.constant(["Hello."]), adapter=tf.constant(["nope"]))
+    error = None
+except tf.errors.InvalidArgumentError as e:
+    error = e.message
+print("RESULT" + json.dumps({
+    "translations": [t.decode() for t in out["translation"].numpy()],
+    "adapters": [n.decode() for n in names],
+    "error": error,
+}))
+"""
+
+
+def test_one_export_serves_every_adapter_per_example(translator, tmp_path):
+    """One SavedModel holds "default", "news" (trained-like, non-zero) and
+    a wider DoRA adapter; a mixed request gets what Keras computes with
+    each example's adapter, and an unknown name fails the request."""
+    model, preprocessor = translator
+    rng = np.random.default_rng(1)
+    keras_rnn_lora.add_adapter(model, "news")
+    keras_rnn_lora.add_adapter(model, "wide", rank=3, use_dora=True)
+    for layer in lora_cells(model).values():
+        for name in ("news", "wide"):
+            shapes = layer.adapter_shapes(name)
+            layer.set_adapter_values(
+                name,
+                {
+                    f: rng.normal(size=s).astype("float32") * 0.3
+                    + (1.0 if f.endswith("magnitude") else 0.0)
+                    for f, s in shapes.items()
+                },
+            )
+    texts = SENTENCES + SENTENCES
+    chosen = ["news", "wide", "base", "default"]
+    expected = evaluation.translate(model, preprocessor, texts, adapters=chosen)
+    path = export.export_translator(
+        model, preprocessor, tmp_path / "serving", adapters="all"
+    )
+    stdout = run_python(
+        SERVE_ADAPTERS,
+        path,
+        json.dumps(texts),
+        json.dumps(["news", "wide", "base", ""]),  # "": the active one
+        cwd=tmp_path,
+    )
+    served = json.loads(stdout.split("RESULT", 1)[1])
+    assert served["translations"] == expected
+    assert set(served["adapters"]) >= {"default", "news", "wide"}
+    assert "nope" in served["error"] and "news" in served["error"]
+    # Each adapter's own translations differ somewhere: routing is real.
+    per_adapter = {
+        name: evaluation.translate(
+            model, preprocessor, SENTENCES, adapters=name
+        )
+        for name in ("news", "wide", "base", "default")
+    }
+    assert len({json.dumps(v) for v in per_adapter.values()}) > 1

@@ -74,7 +74,25 @@ def weight_values(model):
     }
 
 
+def exit_with_parent():
+    """Ends this process when the process that started it dies (a test
+    killed outright cannot kill its workers; a `--forever` worker left
+    behind would train until the machine stops)."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv=None):
+    exit_with_parent()
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--adapter-dir", required=True)

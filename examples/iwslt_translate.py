@@ -41,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from iwslt import ablation  # noqa: E402
 from iwslt import costs  # noqa: E402
 from iwslt import jobs  # noqa: E402
+from iwslt import multiworker  # noqa: E402
 from iwslt import processes  # noqa: E402
 from iwslt import report  # noqa: E402
 from iwslt import settings  # noqa: E402
@@ -54,6 +55,7 @@ def main(argv=None):
     # -- Setup: one run per output folder, keyed on settings and data.
     parser, args = settings.parse(argv)
     import_backend()  # reading the data imports the library, and Keras
+    multiworker.check(parser, args)
     # -- Data: read and checked against the settings before anything is
     # written, so a refused run leaves no trace in --output-dir.
     try:

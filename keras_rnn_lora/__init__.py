@@ -14,6 +14,9 @@ from keras_rnn_lora.cells import LoRALSTMCell
 from keras_rnn_lora.cells import LoRASimpleRNNCell
 from keras_rnn_lora.convert import enable_lora
 from keras_rnn_lora.convert import to_base_model
+from keras_rnn_lora.distributed import is_chief
+from keras_rnn_lora.distributed import multi_worker_strategy
+from keras_rnn_lora.distributed import worker_count
 from keras_rnn_lora.keras_lora import LoRADense
 from keras_rnn_lora.keras_lora import LoRAEinsumDense
 from keras_rnn_lora.keras_lora import LoRAEmbedding
@@ -61,12 +64,14 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "enable_lora",
+    "is_chief",
     "list_adapters",
     "load_lora_model",
     "load_lora_weights",
     "lora_scaling",
     "lora_summary",
     "mark_only_lora_as_trainable",
+    "multi_worker_strategy",
     "merge_lora",
     "recompile",
     "routed_call",
@@ -74,5 +79,6 @@ __all__ = [
     "set_adapter",
     "to_base_model",
     "unmerge_lora",
+    "worker_count",
     "__version__",
 ]

@@ -190,6 +190,80 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         files.write_text(self._training_metadata_path, json.dumps(metadata))
 
 
+# -- multi-worker training ----------------------------------------------------
+
+
+def fix_multi_worker_tensorflow_trainer():
+    """Lets Keras' TensorFlow trainer run under a
+    `tf.distribute.MultiWorkerMirroredStrategy` with more than one worker.
+
+    Keras 3 (read from 3.15.1; unchanged in its main branch) fails there
+    in two places, both reductions the strategy refuses across workers:
+
+    - `TensorFlowTrainer._maybe_symbolic_build` takes the first batch to
+      build the model and reduces the whole `(x, y)` structure with
+      `strategy.reduce("MEAN", batch, axis=None)`: `reduce` takes one
+      value, not a structure ("Attempt to convert a value (PerReplica...)").
+      The batch is only read for its shapes and dtypes, so here it is this
+      worker's first replica's share, and nothing is reduced.
+    - `reduce_per_replica(..., reduction="auto")`, which averages each
+      step's metric values over the replicas, passes `axis=0` for
+      multi-worker strategies: a scalar has no axis 0 ("Invalid reduction
+      dimension 0 for input with 0 dimensions"). Here the values are
+      averaged over the replicas (`axis=None`), as Keras does with one
+      worker.
+
+    Both apply only when the trainer's strategy is a multi-worker
+    `MultiWorkerMirroredStrategy`; every other case runs Keras' own code.
+    Patches the module once; calling it again does nothing.
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    cls = trainer.TensorFlowTrainer
+    if getattr(cls, "_keras_rnn_lora_multi_worker", False):
+        return
+    build = cls._maybe_symbolic_build
+    reduce_per_replica = trainer.reduce_per_replica
+    multi_worker = trainer._collective_all_reduce_multi_worker
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self.distribute_strategy
+        if iterator is None or not multi_worker(strategy):
+            return build(self, iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            data_batch = tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0],
+                next(batches),
+            )
+            break
+        return build(self, data_batch=data_batch)
+
+    def reduce_per_replica_across_workers(values, strategy, reduction):
+        if reduction in ("auto", "mean") and multi_worker(strategy):
+            return tree.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None), values
+            )
+        return reduce_per_replica(values, strategy, reduction)
+
+    cls._maybe_symbolic_build = _maybe_symbolic_build
+    trainer.reduce_per_replica = reduce_per_replica_across_workers
+    cls._keras_rnn_lora_multi_worker = True
+
+
+def agree_on_random_seed():
+    """What `keras.distribution.initialize` does on JAX after
+    `jax.distributed.initialize`: unless a seed is set, every process
+    draws one and they all take their sum
+    (`keras.src.backend.jax.distribution_lib.initialize_rng`), so that
+    weights created replicated start equal on every process.
+    `keras.distribution.initialize` itself cannot be used: it does not pass
+    `heartbeat_timeout_seconds` on."""
+    from keras.src.backend.jax import distribution_lib
+
+    distribution_lib.initialize_rng()
+
+
 #: What `tests/keras_internals_test.py` checks: each private name above and
 #: the object that must have it.
 PRIVATE_NAMES = (
@@ -201,4 +275,18 @@ PRIVATE_NAMES = (
     # An instance attribute: checked on `SGD()`.
     ("Optimizer._learning_rate", keras.optimizers.SGD),
     ("base_optimizer.clip_by_global_norm", keras_base_optimizer),
+    # Modules of one backend, named by path: imported by the test only.
+    (
+        "TensorFlowTrainer._maybe_symbolic_build",
+        "keras.src.backend.tensorflow.trainer.TensorFlowTrainer",
+    ),
+    ("trainer.reduce_per_replica", "keras.src.backend.tensorflow.trainer"),
+    (
+        "trainer._collective_all_reduce_multi_worker",
+        "keras.src.backend.tensorflow.trainer",
+    ),
+    (
+        "distribution_lib.initialize_rng",
+        "keras.src.backend.jax.distribution_lib",
+    ),
 )

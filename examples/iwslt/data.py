@@ -12,6 +12,8 @@ Validation (dev2010) chooses learning rates and epochs; the test set
 import contextlib
 import os
 
+from iwslt.multiworker import full_batches
+
 DATA_PARTS = ("initial", "validation")  # plus "chunk_1", "chunk_2", ...
 
 
@@ -146,7 +148,9 @@ def preprocessor(args, split):
 
 def batches(args, preprocessor, pairs, shuffle, seed=0):
     """Bucketed batches of `pairs`, with their number of batches declared
-    (see `TranslationPreprocessor.dataset`)."""
-    return preprocessor.dataset(
+    (see `TranslationPreprocessor.dataset`); full ones on a JAX cluster
+    (`multiworker.full_batches`)."""
+    dataset = preprocessor.dataset(
         pairs, batch_size=args.batch_size, shuffle=shuffle, seed=seed
     )
+    return full_batches(args, dataset)

@@ -29,11 +29,13 @@ def run_in_child(job, *arguments):
 
 
 def _child(job, arguments, parent):
+    from iwslt.multiworker import joined
     from iwslt.quiet import import_backend
 
     _exit_with(parent)
     import_backend()
-    job(*arguments)
+    with joined(job, arguments):  # a training job of a --multi-worker run
+        job(*arguments)
 
 
 def _exit_with(parent):

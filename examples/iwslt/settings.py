@@ -165,6 +165,7 @@ class Settings:
     preset: str
     smoke: bool
     ablation: bool
+    multi_worker: bool
     seed: int
     max_pairs: int | None
     eval_pairs: int | None
@@ -214,6 +215,12 @@ def parse(argv=None):
     add("--preset", choices=sorted(PRESETS), default="cpu")
     add("--smoke", action="store_true", help="a few hundred pairs, tiny model")
     add("--ablation", action="store_true", help="ranks and targets of LoRA")
+    add(
+        "--multi-worker",
+        action="store_true",
+        help="train on the cluster in TF_CONFIG (TensorFlow) or "
+        "KERAS_DISTRIBUTION_* (JAX): docs/multi-worker.md",
+    )
     add("--seed", type=int, default=SEED)
     for key, kind in SETTING_TYPES.items():
         default = DEFAULTS.get(key, PRESETS["cpu"].get(key))
@@ -304,7 +311,8 @@ def run_key(args, data_fingerprint):
     the content of the data, so a resumed run only reuses work made from
     the same settings and the same data. (`--seeds`, `--arms` and
     `--ablation` add work without changing what is done, so they are not
-    in it.)"""
+    in it; `--multi-worker` is, when given, so a one-worker run keeps the
+    key it had before the flag existed.)"""
     skip = {
         "data_dir",
         "output_dir",
@@ -315,6 +323,8 @@ def run_key(args, data_fingerprint):
         "timing_rounds",
     }
     recorded = args.recorded()
+    if not recorded["multi_worker"]:  # keys of one-worker runs as before
+        skip.add("multi_worker")
     settings = {k: v for k, v in sorted(recorded.items()) if k not in skip}
     settings["data"] = data_fingerprint
     text = json.dumps(settings, sort_keys=True, default=str)

@@ -17,6 +17,7 @@ Takes a second; needs a server started as in the README, e.g.
 
 import argparse
 import json
+import urllib.error
 import urllib.request
 
 MODEL_NAME = "iwslt_en_de"
@@ -41,8 +42,23 @@ def predict_rest(url, name, sentences, timeout=30.0, adapter=None):
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())["predictions"]
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())["predictions"]
+    except urllib.error.HTTPError as error:
+        # TF Serving says why in the body: {"error": "..."}.
+        body = error.read().decode("utf-8", "replace")
+        try:
+            body = json.loads(body).get("error", body)
+        except (ValueError, AttributeError):
+            pass
+        raise SystemExit(
+            f"The server refused the request (HTTP {error.code}): {body}"
+        ) from None
+    except urllib.error.URLError as error:
+        raise SystemExit(
+            f"No TF Serving server answered at {url}: {error.reason}"
+        ) from None
 
 
 def grpc_request(name, sentences, adapter=None):
@@ -87,8 +103,9 @@ def main():
     parser.add_argument("--model-name", default=MODEL_NAME)
     parser.add_argument(
         "--adapter",
-        help="the adapter of a multi-adapter export to translate with "
-        "(default: send none, as to a single-model export)",
+        help="the adapter of a multi-adapter export to translate with, "
+        "'' for its default (default: send none, as to a single-model "
+        "export; a multi-adapter export needs one)",
     )
     args = parser.parse_args()
     predict = predict_grpc if args.grpc else predict_rest

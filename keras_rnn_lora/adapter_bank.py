@@ -25,7 +25,6 @@ gathered alike. An example routed to no adapter computes the base model.
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_rnn_lora import folding
 from keras_rnn_lora import keras_internals
@@ -161,48 +160,6 @@ class AdapterBank(routing.RoutedFactors):
             for factor, variable in self._bank[name].items()
         }
 
-    def folded_kernels(self, name=None, dtype=None):
-        """`{target: kernel}` (NumPy, in `dtype` or the kernels') with
-        adapter `name` folded in: the active one (default; as merged), a
-        banked one (its own scale and DoRA), or `"base"`: the kernels before
-        any adapter. Checked as `merged_kernels` is."""
-        name = name or self.active_adapter
-        if name == self.active_adapter:
-            if self.lora_merged and dtype is None:
-                return {
-                    t: lora.to_numpy(self.lora_kernel(t))
-                    for t in self.lora_targets
-                }
-            return self.merged_kernels(dtype=dtype)
-        if name == "base":
-            return {
-                t: lora.to_numpy(
-                    ops.cast(
-                        self.base_kernel(t), dtype or self.lora_kernel(t).dtype
-                    )
-                )
-                for t in self.lora_targets
-            }
-        config, values = self.bank_configs[name], self.adapter_values(name)
-        folded = {}
-        for target in self.lora_targets:
-            kernel = self.base_kernel(target)
-            if target not in config.lora_targets:
-                folded[target] = kernel
-                continue
-            a, b = (values[w.name] for w in self.lora_factors(target))
-            magnitude = values.get(magnitude_name(self.lora_factors(target)[0]))
-            folded[target] = folding.merged_kernel(
-                kernel,
-                a,
-                b,
-                config.scaling,
-                dtype or self.lora_kernel(target).dtype,
-                f"'{self.name}', adapter {name!r}",
-                magnitude if config.use_dora else None,
-            )
-        return folded
-
     def check_adapter_values(self, name, values):
         """`values` (factor name -> array) for adapter `name`, checked as
         `set_adapter_values` takes them (names, shapes, finite), as
@@ -227,6 +184,19 @@ class AdapterBank(routing.RoutedFactors):
         """Adds adapter `name` with `config` to the bank: fresh (`A` from the
         initializer, `B = 0`, DoRA's magnitude from the kernel) unless
         `values` are given."""
+        self.check_addable(name, config)
+        self._add_slots()  # the active adapter's, on a second adapter
+        variables = self._bank_variables(name, config)
+        self.bank_configs[name] = config
+        self._bank[name] = variables
+        self.adapter_order.append(name)
+        if values is None:
+            values = self._fresh_values(config, variables)
+        self._assign_bank(name, values)
+
+    def check_addable(self, name, config):
+        """Raises `ValueError` unless `add_banked_adapter(name, config)` can
+        run; changes nothing."""
         self.require_built("add_adapter")
         check_adapter_name(name)
         if name in self.adapter_names():
@@ -254,14 +224,6 @@ class AdapterBank(routing.RoutedFactors):
                 "frozen kernel every adapter of the layer shares. Received: "
                 f"lora_init={config.lora_init!r}"
             )
-        self._add_slots()  # the active adapter's, on a second adapter
-        variables = self._bank_variables(name, config)
-        self.bank_configs[name] = config
-        self._bank[name] = variables
-        self.adapter_order.append(name)
-        if values is None:
-            values = self._fresh_values(config, variables)
-        self._assign_bank(name, values)
 
     def _fresh_values(self, config, variables):
         values = {}
@@ -355,6 +317,37 @@ class AdapterBank(routing.RoutedFactors):
 
     def _activatable_config(self, config):
         return not self._config_differences(config)
+
+    def stored_active_adapter(self, bank_values):
+        """The adapter a stored layer's live variables hold, by its stored
+        active key (`bank_values`: stored bank weights by name): the
+        file's, whichever is active here. Raises `ValueError` for a key of
+        no adapter this layer can make active; changes nothing."""
+        if self._active_key is None or ACTIVE_KEY not in bank_values:
+            return self.active_adapter
+        key = int(np.asarray(bank_values[ACTIVE_KEY]))
+        for name in self.adapter_order:
+            if name_key(name) == key:
+                if name != self.active_adapter:
+                    self.check_activatable(name)
+                return name
+        raise ValueError(
+            f"'{self.name}': the stored weights were saved with an active "
+            f"adapter this layer does not hold (it holds "
+            f"{self.adapter_order})."
+        )
+
+    def load_bank(self, bank_values, active):
+        """Assigns the bank's variables from `bank_values` (by name) and
+        records `active` (from `stored_active_adapter`) as the adapter the
+        live variables hold, loaded with it."""
+        for weight in self.bank_weights():
+            weight.assign(bank_values[weight.name])
+        if active == self.active_adapter:
+            return
+        del self.bank_configs[active]
+        self.bank_configs[self.active_adapter] = self.lora_config
+        self.active_adapter = active
 
     def require_routable(self):
         """Raises `ValueError` unless a mixed batch can run here: unmerged

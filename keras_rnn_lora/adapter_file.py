@@ -34,12 +34,13 @@ MAX_ATTRIBUTE_BYTES = 4096
 
 
 # The model-wide target of each adapter class that is not a cell.
-def write(path, model_name, adapters):
+def write(path, model_name, adapters, active=None):
     """Writes an adapter file. `adapters` maps each named adapter to
     `{layer path: (attributes, factors)}` (`adapter_attributes`; factor
     name -> array). One adapter: a group per layer path, the name in the
     file's `adapter_name`; several: the same under a group per name, the
-    names in the file's `adapter_names`."""
+    names in the file's `adapter_names` and the `active` one in its
+    `active_adapter`."""
     with h5py.File(path, "w") as file:
         file.attrs["format"] = FORMAT
         file.attrs["format_version"] = FORMAT_VERSION
@@ -47,6 +48,8 @@ def write(path, model_name, adapters):
         several = len(adapters) > 1
         if several:
             file.attrs["adapter_names"] = ",".join(adapters)
+            if active in adapters:
+                file.attrs["active_adapter"] = active
         else:
             file.attrs["adapter_name"] = next(iter(adapters))
         for adapter_name, contents in adapters.items():
@@ -239,6 +242,13 @@ class AdapterFile:
 
     def __exit__(self, *exc_info):
         self.file.close()
+
+    def active_adapter(self):
+        """The adapter active when a file of several was saved, or `None`
+        (a file of one, or of an older version)."""
+        where = f"The adapter file {self.path!r}"
+        active = _scalar_attribute(self.file, "active_adapter", where)
+        return None if active is None else str(active)
 
     def headers(self):
         """`{adapter name: {layer path: Header}}`, reading no factor

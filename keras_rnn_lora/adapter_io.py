@@ -55,7 +55,10 @@ def save_lora_weights(model, path, adapter=None):
     """
     path = adapter_file.check_path(path)
     adapters = require_adapters(model, "save_lora_weights")
+    from keras_rnn_lora.named_adapters import active_adapter
+
     names = _chosen_adapters(model, adapter)
+    names_active = active_adapter(model)
     contents = {name: {} for name in names}
     for layer_path, host in sorted(adapters.items()):
         for name in names:
@@ -64,7 +67,7 @@ def save_lora_weights(model, path, adapter=None):
                 layer_path, _adapter_contents, host, name
             )
     with files.atomic_path(path) as temporary:
-        adapter_file.write(temporary, model.name, contents)
+        adapter_file.write(temporary, model.name, contents, names_active)
 
 
 def _adapter_contents(host, name):
@@ -119,7 +122,8 @@ def load_lora_weights(model, path, strict=True, adapter=None):
         strict: bool, default `True`.
         adapter: the model's named adapter a one-adapter file loads into
             (default: the active one). A file of several adapters loads
-            each into the model's adapter of the same name.
+            each into the model's adapter of the same name (`None` or
+            `"all"`), or only the one named.
 
     Returns:
         `model`, for chaining.
@@ -152,8 +156,18 @@ def _targets(model, file_adapters, adapter, path):
 
     names = list_adapters(model)
     if len(file_adapters) == 1:
-        headers = next(iter(file_adapters.values()))
+        saved, headers = next(iter(file_adapters.items()))
+        if adapter == "all":  # the file's one adapter, into its namesake
+            adapter = saved if saved in names else None
         return {_chosen_adapters(model, adapter)[0]: headers}
+    if adapter not in (None, "all"):
+        if adapter not in file_adapters:
+            raise ValueError(
+                f"Received an invalid value for `adapter`: the adapter file "
+                f"{path!r} holds {sorted(file_adapters)}. Received: "
+                f"adapter={adapter!r}"
+            )
+        file_adapters = {adapter: file_adapters[adapter]}
     missing = sorted(set(file_adapters) - set(names))
     if missing:
         raise ValueError(
@@ -297,6 +311,7 @@ def load_lora_model(model, path, strict=True):
             for header in headers.values():
                 header.check(path)
         names = list(file_adapters)
+        active = opened.active_adapter()
         first = file_adapters[names[0]]
         groups = collections.defaultdict(set)
         for layer_path, header in first.items():
@@ -322,7 +337,10 @@ def load_lora_model(model, path, strict=True):
             for layer_path, header in file_adapters[name].items():
                 settings = _settings(header)
                 host = adapters[layer_path]
-                settings["lora_targets"] = host.lora_targets
+                # An adapter on some of the layer's kernels keeps its own;
+                # Keras' own LoRA layers name their one kernel their way.
+                if not set(settings["lora_targets"]) <= set(host.lora_targets):
+                    settings["lora_targets"] = host.lora_targets
                 at_layer(
                     layer_path,
                     host.add_banked_adapter,
@@ -338,4 +356,8 @@ def load_lora_model(model, path, strict=True):
         ]
     for name, (host, factors) in plans:
         host.set_adapter_values(name, factors)
+    if active in names[1:]:  # the adapter active when the file was saved
+        from keras_rnn_lora.named_adapters import set_adapter
+
+        set_adapter(lora_model, active)
     return lora_model

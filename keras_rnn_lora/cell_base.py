@@ -170,17 +170,24 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
                 t: self.dora_scale(t) for t in self.lora_targets
             }
         route = routing.current()
-        if route is not None and not getattr(self, "_routed", None):
+        if (
+            route is not None
+            and getattr(self, "_routed_route", None) is not route
+        ):
+            # Keyed on the call's route: a call that failed inside Keras'
+            # loop never reset the cache, and must not feed the next one.
             self._routed = {
                 t: self.routed_factors(t, route.names, route.ids)
                 for t in self.lora_targets
             }
+            self._routed_route = route
         return super().get_dropout_mask(step_input)
 
     def reset_dropout_mask(self):
         super().reset_dropout_mask()
         self._dora_scales = None
         self._routed = None
+        self._routed_route = None
 
     def _call_dora_scale(self, target):
         scales = getattr(self, "_dora_scales", None)
@@ -188,7 +195,7 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
 
     def _call_routed(self, target, route):
         cached = getattr(self, "_routed", None)
-        if cached:
+        if cached and getattr(self, "_routed_route", None) is route:
             return cached[target]
         return self.routed_factors(target, route.names, route.ids)
 

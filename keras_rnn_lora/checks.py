@@ -35,7 +35,8 @@ def check_positive_int(argument, value):
     return int(value)
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# No ".": torch refuses it in a variable's name.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 #: Names that mean something else where an adapter is chosen: `"base"`
@@ -44,12 +45,12 @@ RESERVED_NAMES = ("base", "all")
 
 
 def check_adapter_name(name):
-    """`name`, or a `ValueError`: letters, digits, `_`, `.`, `-` (at most
-    64, not starting with a separator), not one of `RESERVED_NAMES`."""
+    """`name`, or a `ValueError`: letters, digits, `_`, `-` (at most 64,
+    not starting with a separator), not one of `RESERVED_NAMES`."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or "__" in name:
         raise ValueError(
             "Received an invalid value for `name`, expected 1-64 letters, "
-            "digits, '_', '.' or '-' (starting with a letter or digit, no "
+            "digits, '_' or '-' (starting with a letter or digit, no "
             f"'__'). Received: name={name!r}"
         )
     if name in RESERVED_NAMES:

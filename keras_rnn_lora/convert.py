@@ -20,6 +20,7 @@ import dataclasses
 import keras
 
 from keras_rnn_lora import config_rewrite
+from keras_rnn_lora import folding
 from keras_rnn_lora import lora
 from keras_rnn_lora import variants
 from keras_rnn_lora.checks import check_adapter_name
@@ -307,7 +308,8 @@ def to_base_model(model, dtype=None, adapter=None):
     for path, host in adapters.items():
         merged = at_layer(
             path,
-            host.folded_kernels,
+            folding.folded_kernels,
+            host,
             adapter,
             policy.variable_dtype if policy else None,
         )

@@ -1,6 +1,7 @@
 """Folding an adapter into a kernel safely, and the checks of factor
 values before they are written: nothing non-finite, and no merge that a
-half-precision kernel would round away.
+half-precision kernel would round away; a layer's kernels with any of its
+named adapters folded in.
 """
 
 import keras
@@ -9,6 +10,7 @@ from keras import ops
 
 from keras_rnn_lora import variants
 from keras_rnn_lora.lora import to_numpy
+from keras_rnn_lora.routing import magnitude_name
 
 #: The largest share of an update's norm a merge into a half-precision
 #: kernel may round away: a bfloat16 or float16 kernel rounds away most of a
@@ -101,3 +103,46 @@ def check_finite(value, what):
             "hold NaN/Inf, or their product overflows the kernel's dtype. "
             "Nothing was changed."
         )
+
+
+def folded_kernels(layer, name=None, dtype=None):
+    """`{target: kernel}` of `layer` (a layer carrying adapters; NumPy, in
+    `dtype` or the kernels') with adapter `name` folded in: the active one
+    (default; as merged), a banked one (its own scale and DoRA), or
+    `"base"`: the kernels before any adapter. Checked as `merged_kernels`
+    is."""
+    name = name or layer.active_adapter
+    if name == layer.active_adapter:
+        if layer.lora_merged and dtype is None:
+            return {
+                t: to_numpy(layer.lora_kernel(t)) for t in layer.lora_targets
+            }
+        return layer.merged_kernels(dtype=dtype)
+    if name == "base":
+        return {
+            t: to_numpy(
+                ops.cast(
+                    layer.base_kernel(t), dtype or layer.lora_kernel(t).dtype
+                )
+            )
+            for t in layer.lora_targets
+        }
+    config, values = layer.adapter_config(name), layer.adapter_values(name)
+    folded = {}
+    for target in layer.lora_targets:
+        kernel = layer.base_kernel(target)
+        if target not in config.lora_targets:
+            folded[target] = kernel
+            continue
+        a, b = (values[w.name] for w in layer.lora_factors(target))
+        magnitude = values.get(magnitude_name(layer.lora_factors(target)[0]))
+        folded[target] = merged_kernel(
+            kernel,
+            a,
+            b,
+            config.scaling,
+            dtype or layer.lora_kernel(target).dtype,
+            f"'{layer.name}', adapter {name!r}",
+            magnitude if config.use_dora else None,
+        )
+    return folded

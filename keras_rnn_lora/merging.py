@@ -334,6 +334,7 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels, AdapterBank):
         keeps its factors), and restores the stored function in this
         layer's own merge state."""
         stored = lora_store.read_store(self, store)
+        active = self.stored_active_adapter(stored.bank)  # checked first
         base = self.base_weights()
         position = {id(w): i for i, w in enumerate(base)}
         stored_kernels = {
@@ -345,8 +346,7 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels, AdapterBank):
             # merged, whatever state it was in.
             for weight, value in zip(base, stored.base, strict=True):
                 weight.assign(value)
-            for weight in self.bank_weights():
-                weight.assign(stored.bank[weight.name])
+            self.load_bank(stored.bank, active)
             self._set_merged(stored_kernels, None, None)
             return
         kernels = stored.premerge if stored.merged else stored_kernels
@@ -357,8 +357,7 @@ class MergeableLoRA(LoRATrainability, variants.AdaptedKernels, AdapterBank):
         # Every value is known and checked: assign.
         for weight, value in zip(base, stored.base, strict=True):
             weight.assign(value)
-        for weight in self.bank_weights():
-            weight.assign(stored.bank[weight.name])
+        self.load_bank(stored.bank, active)
         if self._lora_merged:
             self._set_merged(merged, dict(kernels), dict(factors))
         else:

@@ -17,6 +17,7 @@ recompiles a compiled model (`training.recompile`).
 """
 
 import contextlib
+import contextvars
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from keras_rnn_lora.checks import check_adapter_name
 from keras_rnn_lora.training import recompile
 from keras_rnn_lora.walk import at_layer
 from keras_rnn_lora.walk import require_adapters
+
+# Set within `disable_adapters`: no mixed batch there.
+_DISABLED = contextvars.ContextVar("keras_rnn_lora_disabled", default=False)
 
 #: What `call_with_adapters` and the export take for "no adapter".
 NO_ADAPTER = (None, "", "base")
@@ -66,7 +70,8 @@ def add_adapter(model, name, config=None, **lora_kwargs):
 
     Args:
         model: a model holding LoRA adapters (see `enable_lora`).
-        name: the new adapter's name (letters, digits, `_`, `.`, `-`).
+        name: the new adapter's name (letters, digits, `_`, `-`; not
+            `"base"` or `"all"`).
         config: its `LoRAConfig`; default: each layer's own. Its targets
             must be the model's adapters' targets (a named adapter covers
             the kernels the model's adapters do); `lora_init` must be
@@ -96,6 +101,7 @@ def add_adapter(model, name, config=None, **lora_kwargs):
     plans = []
     for path, adapter in adapters.items():
         layer_config = _layer_config(adapter, config, lora_kwargs, path)
+        at_layer(path, adapter.check_addable, name, layer_config)
         plans.append((path, adapter, layer_config))
     for path, adapter, layer_config in plans:
         at_layer(path, adapter.add_banked_adapter, name, layer_config)
@@ -170,11 +176,13 @@ def disable_adapters(model):
     export."""
     adapters = require_adapters(model, "disable_adapters")
     saved = []
+    token = _DISABLED.set(True)
     try:
         for adapter in adapters.values():
             saved.extend(_switch_off(adapter))
         yield model
     finally:
+        _DISABLED.reset(token)
         for variable, value in reversed(saved):
             variable.assign(value)
 
@@ -242,6 +250,11 @@ def call_with_adapters(model, inputs, adapters):
     Returns:
         The model's outputs.
     """
+    if isinstance(adapters, str):
+        raise TypeError(
+            "Received an invalid value for `adapters`, expected one adapter "
+            f"per example (a list), not a string. Received: {adapters!r}"
+        )
     adapters = list(adapters)
     ids = adapter_ids(model, adapters)
     return routed_call(model, inputs, ids)
@@ -250,15 +263,65 @@ def call_with_adapters(model, inputs, adapters):
 def routed_call(model, inputs, ids):
     """`model(inputs)` with per-example adapter indices `ids` (a tensor or
     array, -1 for none): the traceable core of `call_with_adapters`."""
+    if _DISABLED.get():
+        raise ValueError(
+            "A mixed batch within `disable_adapters` would run the active "
+            "adapter's examples on the base and the others on their own "
+            "adapters. Leave the block and give `None` to the examples that "
+            "should run on the base."
+        )
     names = list_adapters(model)
-    for path, adapter in require_adapters(model, "call_with_adapters").items():
+    adapters = require_adapters(model, "call_with_adapters")
+    for path, adapter in adapters.items():
         at_layer(path, adapter.require_routable)
-    with routing.routed(names, ids):
-        return model(inputs, training=False)
+    _check_ids(ids, len(names), inputs)
+    try:
+        with routing.routed(names, ids):
+            return model(inputs, training=False)
+    finally:
+        # What the cells cache for one call: Keras resets it after its loop,
+        # but not when the call failed inside it.
+        for adapter in adapters.values():
+            reset = getattr(adapter, "reset_dropout_mask", None)
+            if reset is not None:
+                reset()
+
+
+def _check_ids(ids, count, inputs):
+    """Known ids (-1 to `count - 1`), one per example, where they are known
+    before the call (NumPy arrays and eager tensors)."""
+    try:
+        values = np.asarray(ids)
+    except Exception:  # a symbolic tensor: checked by the trace's shapes
+        return
+    if values.dtype == object or values.ndim != 1:
+        raise ValueError(
+            "Received an invalid value for `ids`, expected one integer per "
+            f"example. Received: shape={values.shape}"
+        )
+    if values.size and (values.min() < -1 or values.max() >= count):
+        raise ValueError(
+            f"Received an invalid value for `ids`, expected indices from -1 "
+            f"to {count - 1}. Received: {values.tolist()}"
+        )
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+    if isinstance(first, (list, tuple)):
+        first = first[0]
+    batch = getattr(first, "shape", (None,))[0]
+    if batch is not None and values.shape[0] != batch:
+        raise ValueError(
+            f"Received {values.shape[0]} adapter ids for a batch of {batch} "
+            "examples: give one per example."
+        )
 
 
 def _require_known(model, name):
     names = list_adapters(model)
+    if name == "base":
+        raise ValueError(
+            "'base' is the model without adapters, not an adapter: run it "
+            "within `keras_rnn_lora.disable_adapters(model)`."
+        )
     if name not in names:
         raise ValueError(
             f"Model '{model.name}' has no adapter {name!r}; it has {names}."

@@ -296,18 +296,19 @@ def merge_lora(model, reset=False, adapter=None):
         `model`, for chaining.
     """
     adapters = require_adapters(model, "merge_lora")
+    for path, host in adapters.items():
+        if reset and len(host.adapter_names()) > 1:
+            raise ValueError(
+                f"Layer '{path}': `merge_lora(reset=True)` would change the "
+                "base every named adapter of the model was trained on "
+                f"({host.adapter_names()}). Delete the others first, or "
+                "merge without reset."
+            )
     if adapter is not None:
         from keras_rnn_lora.named_adapters import set_adapter
 
         set_adapter(model, adapter)
     for path, adapter in adapters.items():
-        if reset and len(adapter.adapter_names()) > 1:
-            raise ValueError(
-                f"Layer '{path}': `merge_lora(reset=True)` would change the "
-                "base every named adapter of the model was trained on "
-                f"({adapter.adapter_names()}). Delete the others first, or "
-                "merge without reset."
-            )
         if not adapter.lora_merged:
             at_layer(path, adapter.merged_kernels)
     for adapter in adapters.values():

@@ -139,7 +139,9 @@ def test_bad_paths(tmp_path):
         file.create_dataset("x", data=np.zeros(2))
     with pytest.raises(ValueError, match="not a keras-rnn-lora adapter file"):
         keras_rnn_lora.load_lora_weights(lora_model, not_adapter)
-    with pytest.raises(ValueError, match="no LoRA cell to save"):
+    with pytest.raises(
+        ValueError, match="`save_lora_weights` found no LoRA cell or layer"
+    ):
         keras_rnn_lora.save_lora_weights(
             sequential_model(), tmp_path / "b.lora.weights.h5"
         )

@@ -179,3 +179,35 @@ def test_grpc_request_carries_the_adapter_only_when_given():
         "news",
     ]
     assert named.inputs["text"] == plain.inputs["text"]
+
+
+def test_the_server_s_refusal_is_shown_not_a_traceback():
+    """TF Serving explains a refused request in the body (an unknown
+    adapter: INVALID_ARGUMENT naming the served ones); the client says it."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = json.dumps({"error": "Unknown adapter; serves: a, b"})
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(SystemExit, match="HTTP 400.*Unknown adapter"):
+            serving_client.predict_rest(url, "m", ["Hi."], adapter="zz")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(SystemExit, match="No TF Serving server answered"):
+        serving_client.predict_rest(url, "m", ["Hi."], timeout=5)

@@ -85,7 +85,18 @@ def parse_args(argv=None):
         default=SIZES["hidden2048"]["units"],
         help="GRU units of the initialization model (default %(default)s)",
     )
+    parser.add_argument(
+        "--threads",
+        type=harness.positive_int,
+        default=None,
+        help="torch intra-op threads (torch.set_num_threads; default: "
+        "torch's own); the other backends refuse it",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None and harness.backend() != "torch":
+        parser.error(
+            "--threads sets torch's threads: run with KERAS_BACKEND=torch"
+        )
     for name in ("big_rounds", "init_rounds"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be at least 0")
@@ -287,6 +298,12 @@ def main():
     args = parse_args()
     backend = harness.backend()
     results = {"settings": vars(args), "goal": GOAL, "steps": {}}
+    if backend == "torch":
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        results["torch_threads"] = torch.get_num_threads()
     plan = {"default": args.rounds, "hidden2048": args.big_rounds}
     for name, rounds in plan.items():
         if rounds:

@@ -90,3 +90,14 @@ def test_step_models_share_the_base_and_differ_in_dora():
     gates_units = 3 * TINY["units"]
     assert counts["lora"] == 2 * (TINY["units"] + gates_units)
     assert counts["dora"] == counts["lora"] + gates_units  # the magnitude
+
+
+def test_threads_are_torchs_alone():
+    if keras.backend.backend() == "torch":
+        assert variants.parse_args(["--threads", "2"]).threads == 2
+    else:
+        with pytest.raises(SystemExit):
+            variants.parse_args(["--threads", "2"])
+    assert variants.parse_args([]).threads is None
+    with pytest.raises(SystemExit):
+        variants.parse_args(["--threads", "0"])

@@ -215,6 +215,46 @@ def test_console_shows_progress_not_noise(smoke_run):
         assert noise not in console, noise
 
 
+def test_the_variants_check_learns_the_first_chunk_of_a_finished_run(
+    smoke_run, tmp_path
+):
+    """benchmarks/variants_real_data.py from the smoke run's folder, with
+    the run's own arguments: each variant fits the first chunk, full and
+    lora come from the run's learning-rate trials, and a second call reuses
+    every fit."""
+    (out, _), _, results = smoke_run
+    root = out.parent.parent
+    script = os.path.join(EXAMPLES, "..", "benchmarks", "variants_real_data.py")
+    own = ["--rates", "0.01", "--results-dir", str(tmp_path)]
+    same_run = ["--smoke", "--batch-size", "16", "--heldout-pairs", "30"]
+    env = {"IWSLT2017_DIR": os.path.abspath(iwslt_dir())}
+    first = run([*own, *same_run], cwd=root, script=script, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    written = json.loads((tmp_path / "variants_real_data.json").read_text())
+    summary = written["variants"]
+    variants = ("dora", "pissa", "olora", "lora_plus")
+    assert set(summary) == {"full", "lora", *variants}
+    for name in variants:  # --smoke: one epoch a fit
+        assert summary[name]["learning_rate"] == 0.01
+        assert len(summary[name]["val_perplexity_curve"]) == 1
+        assert (out / "variants" / name / "0.01" / "fit.json").exists()
+    for method in ("full", "lora"):
+        chosen = results["learning_rates"][method]["chosen"]
+        assert summary[method]["learning_rate"] == chosen
+    base = written["pretrained_val_perplexity"]
+    gain = base - summary["full"]["best_val_perplexity"]
+    assert summary["dora"]["share_of_full_gain"] == pytest.approx(
+        (base - summary["dora"]["best_val_perplexity"]) / gain
+    )
+    assert "| dora | 0.01 |" in first.stdout
+    again = run([*own, *same_run], cwd=root, script=script, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "learning the first chunk" not in again.stdout
+    other = run([*own, "--smoke"], cwd=root, script=script, env=env)
+    assert other.returncode == 2
+    assert "holds a run with other settings" in other.stderr
+
+
 def start(args, cwd=None):
     """The main job in its own process group, so a kill reaches its jobs."""
     return subprocess.Popen(

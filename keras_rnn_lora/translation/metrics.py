@@ -121,12 +121,24 @@ class MaskedAccuracy(keras.metrics.Metric):
 
 
 def compile_translator(
-    model, learning_rate=1e-3, label_smoothing=0.0, **compile_kwargs
+    model,
+    learning_rate=1e-3,
+    label_smoothing=0.0,
+    loraplus_lr_ratio=None,
+    **compile_kwargs,
 ):
     """Compiles `model` with Adam (gradient norm clipped at 1), the masked
-    loss (label-smoothed as given), accuracy and perplexity."""
+    loss (label-smoothed as given), accuracy and perplexity.
+
+    `loraplus_lr_ratio`: a number wraps that Adam in a `LoRAPlusOptimizer`,
+    so the LoRA B factors learn at that many times `learning_rate`."""
+    optimizer = keras.optimizers.Adam(learning_rate, clipnorm=1.0)
+    if loraplus_lr_ratio is not None:
+        from keras_rnn_lora.lora_plus import LoRAPlusOptimizer
+
+        optimizer = LoRAPlusOptimizer(optimizer, loraplus_lr_ratio)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0),
+        optimizer=optimizer,
         loss=MaskedSparseCrossEntropy(label_smoothing),
         metrics=[MaskedAccuracy(), MaskedPerplexity()],
         **compile_kwargs,

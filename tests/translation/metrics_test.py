@@ -83,3 +83,31 @@ def test_label_smoothing_in_the_loss_only():
     )
     with pytest.raises(ValueError, match="`label_smoothing`"):
         metrics.MaskedSparseCrossEntropy(label_smoothing=1.0)
+
+
+def test_compile_translator_wraps_adam_in_loraplus():
+    import keras
+
+    import keras_rnn_lora
+
+    model = keras_rnn_lora.enable_lora(tiny_translator(), rank=2)
+    keras_rnn_lora.mark_only_lora_as_trainable(model)
+    metrics.compile_translator(model, 0.01, loraplus_lr_ratio=4.0)
+    optimizer = model.optimizer
+    assert isinstance(optimizer, keras_rnn_lora.LoRAPlusOptimizer)
+    assert optimizer.loraplus_lr_ratio == 4.0
+    inner = optimizer.optimizer
+    assert isinstance(inner, keras.optimizers.Adam)
+    assert inner.clipnorm == 1.0
+    np.testing.assert_allclose(float(to_numpy(inner.learning_rate)), 0.01)
+    src, dec, out = random_batch(3)
+    before = {v.path: to_numpy(v) for v in model.trainable_weights}
+    model.fit([src, dec], out, epochs=1, verbose=0)
+    moved = [
+        v.path
+        for v in model.trainable_weights
+        if not np.array_equal(before[v.path], to_numpy(v))
+    ]
+    assert any(p.endswith("_b") for p in moved), moved
+    with pytest.raises(ValueError, match="`loraplus_lr_ratio`"):
+        metrics.compile_translator(tiny_translator(), loraplus_lr_ratio=-1)

@@ -98,8 +98,7 @@ def parse_args(argv=None):
         "there (default: benchmarks/results)",
     )
     own, rest = parser.parse_known_args(argv)
-    main_parser, _ = settings.parse([])
-    known = {name for a in main_parser._actions for name in a.option_strings}
+    known = set(settings.option_names())
     for token in rest:
         name = token.split("=", 1)[0]
         if name.startswith("-") and name not in known:

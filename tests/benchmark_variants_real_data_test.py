@@ -180,4 +180,15 @@ def test_a_run_made_from_other_data_names_the_data(tmp_path, capsys):
         check.check_run(parser, run)
     err = capsys.readouterr().err
     assert "holds a run with other settings or other data" in err
-    assert f"(data: {run.data_dir})" in err and "IWSLT2017_DIR" in err
+    data = run.data_dir or "none given, the TFDS download"
+    assert f"(data: {data})" in err and "IWSLT2017_DIR" in err
+
+
+def test_the_main_jobs_option_names_are_its_whole_command_line():
+    from iwslt import settings
+
+    names = settings.option_names()
+    for name in ("--smoke", "--output-dir", "--data-dir", "--update-epochs"):
+        assert name in names
+    assert len(names) == len(set(names))
+    assert not any(name.startswith("--rates") for name in names)

@@ -196,15 +196,18 @@ class Settings:
         return values
 
 
-def parse(argv=None):
-    """`(parser, Settings)` from the command line `argv`; a bad argument
-    ends the program with one clear line (argparse's `error`)."""
+def _parser():
+    """The command line's parser, and the option names it takes."""
     parser = argparse.ArgumentParser(
         description="LoRA against full fine-tuning on IWSLT 2017 en-de, "
         "with data that arrives in increments.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = parser.add_argument
+    names = []
+
+    def add(*flags, **kwargs):
+        names.extend(parser.add_argument(*flags, **kwargs).option_strings)
+
     add("--data-dir", default=os.environ.get("IWSLT2017_DIR"))
     add("--output-dir", default="runs/iwslt_translate")
     add("--export-dir", default="saved_models")
@@ -230,6 +233,19 @@ def parse(argv=None):
             default=None,
             help=f"default {default} (the preset's, or --smoke's)",
         )
+    return parser, names
+
+
+def option_names():
+    """Every option name the main job's command line takes (`--smoke`,
+    `--output-dir`, ...), for a script that passes them through."""
+    return _parser()[1]
+
+
+def parse(argv=None):
+    """`(parser, Settings)` from the command line `argv`; a bad argument
+    ends the program with one clear line (argparse's `error`)."""
+    parser, _ = _parser()
     given = vars(parser.parse_args(argv))
     values = {**DEFAULTS, **PRESETS[given["preset"]]}
     if given["smoke"]:

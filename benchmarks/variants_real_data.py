@@ -101,7 +101,7 @@ def parse_args(argv=None):
     known = set(settings.option_names())
     for token in rest:
         name = token.split("=", 1)[0]
-        if name.startswith("-") and name not in known:
+        if name.startswith("-") and not _number(name) and name not in known:
             parser.error(
                 f"unknown argument {name}: neither this script's nor the main "
                 "job's (python examples/iwslt_translate.py --help); names are "
@@ -119,6 +119,14 @@ def parse_args(argv=None):
         own.rates = _rates(parser, own.rates)
     _, run = settings.parse(rest)
     return parser, own, run
+
+
+def _number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _rates(parser, text):
@@ -211,9 +219,7 @@ def check_run(parser, run):
             "and choosing the learning rates of full and lora; resume it "
             "with the same arguments first"
         )
-    import zipfile
-
-    if not zipfile.is_zipfile(needed[0]):
+    if not is_keras_file(needed[0]):
         parser.error(f"{needed[0]} is not a Keras model file: resume the run")
     best = read_record(needed[1], "pre-training record")
     if not isinstance(best.get("value"), (int, float)):
@@ -257,21 +263,52 @@ def recorded_trials(run, method):
     return trials
 
 
+def _real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def checked_fit(record, directory):
     """`record` (a fit.json) if it holds what the summary reads."""
     curve = record.get("val_perplexity_curve")
     best = record.get("best_val_perplexity")
+    epoch = record.get("best_epoch")
     if (
         not isinstance(curve, list)
         or not curve
-        or not isinstance(best, (int, float))
-        or not isinstance(record.get("best_epoch"), int)
+        or not all(_real(v) for v in curve)
+        or not _real(best)
+        or not isinstance(epoch, int)
+        or isinstance(epoch, bool)
+        or not 0 <= epoch < len(curve)
+        or curve[epoch] != best
+        or not isinstance(record.get("epoch_seconds"), list)
     ):
         raise SystemExit(
             f"{os.path.join(directory, 'fit.json')} is not a finished fit "
             "(no validation perplexity); delete its folder to fit it again"
         )
     return record
+
+
+def is_keras_file(path):
+    """Whether `path` is a `.keras` archive (a zip holding config.json)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return "config.json" in archive.namelist()
+
+
+def check_recorded_fits(run, variants):
+    """Reads every fit already recorded for `variants`, so that a damaged
+    one stops the check before anything trains."""
+    for variant in variants:
+        root = os.path.join(run.output_dir, "variants", variant)
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            record = read_record(os.path.join(root, name, "fit.json"))
+            if record is not None:
+                checked_fit(record, os.path.join(root, name))
 
 
 def fit_variant(run, variant, rate):
@@ -388,7 +425,7 @@ def summarize(trials, base_perplexity):
             "val_perplexity_curve": curve,
             "best_val_perplexity": best[name],
             "best_epoch": record["best_epoch"] + 1,
-            "epochs_run": record["epochs_run"],
+            "epochs_run": len(curve),
             "epoch_seconds": record["epoch_seconds"],
             "resumed": record.get("resumed", False),
             "share_of_full_gain": (base_perplexity - best[name]) / full_gain
@@ -421,6 +458,7 @@ def main(argv=None):
 
     import_backend()
     sizes, base, trials = check_run(parser, run)
+    check_recorded_fits(run, own.variants)
     with processes.run_lock(run.output_dir):
         for variant in own.variants:
             rates = own.rates or GRIDS[variant]

@@ -192,3 +192,48 @@ def test_the_main_jobs_option_names_are_its_whole_command_line():
         assert name in names
     assert len(names) == len(set(names))
     assert not any(name.startswith("--rates") for name in names)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"val_perplexity_curve": ["a"]},
+        {"best_val_perplexity": True},
+        {"best_epoch": 99},
+        {"best_val_perplexity": 1.0},  # not the curve's value at best_epoch
+        {"epoch_seconds": None},
+    ],
+)
+def test_a_fit_record_with_damaged_fields_is_named(change, tmp_path):
+    damaged = {**record([70.0, 69.0]), **change}
+    with pytest.raises(SystemExit, match="is not a finished fit"):
+        check.checked_fit(damaged, str(tmp_path))
+
+
+def test_recorded_fits_are_read_before_anything_trains(tmp_path):
+    _, _, run = check.parse_args(["--output-dir", str(tmp_path)])
+    check.check_recorded_fits(run, ("dora",))  # none yet
+    folder = tmp_path / "variants" / "pissa" / "0.01"
+    folder.mkdir(parents=True)
+    (folder / "fit.json").write_text("garbage")
+    check.check_recorded_fits(run, ("dora",))  # not asked for
+    with pytest.raises(SystemExit, match=f"{folder / 'fit.json'} is not"):
+        check.check_recorded_fits(run, ("dora", "pissa"))
+
+
+def test_a_keras_file_is_a_zip_with_a_config(tmp_path):
+    import zipfile
+
+    path = tmp_path / "model.keras"
+    path.write_text("x")
+    assert not check.is_keras_file(str(path))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("a", "b")
+    assert not check.is_keras_file(str(path))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", "{}")
+    assert check.is_keras_file(str(path))
+
+
+def test_negative_numbers_pass_through_to_the_main_job():
+    assert check.parse_args(["--seed", "-1"])[2].seed == -1

@@ -63,6 +63,25 @@ def _torch_refusal():
     )
 
 
+def _check_address(name, address):
+    """`address` if it reads `host:port` (a host, and a port in 1-65535);
+    otherwise `ValueError` naming `name`, where it came from."""
+    host, colon, port = str(address).rpartition(":")
+    if not (
+        isinstance(address, str)
+        and colon
+        and host.strip()
+        and port.isdigit()
+        and 1 <= int(port) <= 65535
+    ):
+        raise ValueError(
+            f"{name} holds the address {address!r}: an address reads "
+            "host:port, with a port from 1 to 65535 (such as "
+            "10.0.0.1:12345)."
+        )
+    return address
+
+
 def tf_config():
     """The parsed `TF_CONFIG`, or `None` when it is not set. A value that
     is not a cluster and a task raises `ValueError` saying what is
@@ -87,6 +106,7 @@ def tf_config():
     if (
         not isinstance(addresses, list)
         or not isinstance(index, int)
+        or isinstance(index, bool)
         or not 0 <= index < len(addresses)
     ):
         raise ValueError(
@@ -94,6 +114,20 @@ def tf_config():
             "'type' must name a job of the cluster and 'index' a position "
             "in its list of addresses."
         )
+    if kind not in _TRAINING_TASKS:
+        raise ValueError(
+            f"TF_CONFIG's task type is {kind!r}: multi-worker training "
+            f"runs on {list(_TRAINING_TASKS)} tasks only (an 'evaluator' "
+            "would train alone; 'ps' is for parameter-server training)."
+        )
+    for job, listed in cluster.items():
+        if not isinstance(listed, list):
+            raise ValueError(
+                f"TF_CONFIG's cluster lists {job!r} as {listed!r}: each job "
+                "is a list of host:port addresses."
+            )
+        for address in listed:
+            _check_address(f"TF_CONFIG's job {job!r}", address)
     return config
 
 
@@ -110,6 +144,7 @@ def _jax_cluster():
             f"{missing}."
         )
     coordinator = values["KERAS_DISTRIBUTION_JOB_ADDRESSES"].split(",")[0]
+    _check_address("KERAS_DISTRIBUTION_JOB_ADDRESSES", coordinator.strip())
     try:
         processes = int(values["KERAS_DISTRIBUTION_NUM_PROCESSES"])
         process_id = int(values["KERAS_DISTRIBUTION_PROCESS_ID"])
@@ -221,11 +256,17 @@ def _jax_distribution(heartbeat_timeout_seconds):
         if heartbeat_timeout_seconds is not None:
             options["heartbeat_timeout_seconds"] = heartbeat_timeout_seconds
         jax.distributed.initialize(
-            coordinator_address=coordinator,
+            coordinator_address=coordinator.strip(),
             num_processes=processes,
             process_id=process_id,
             **options,
         )
+        if jax.process_count() != processes:
+            raise ValueError(
+                f"KERAS_DISTRIBUTION_NUM_PROCESSES is {processes} here, but "
+                f"the cluster this process joined has {jax.process_count()} "
+                "processes: give every process the same count."
+            )
         keras_internals.agree_on_random_seed()
     distribution = keras.distribution.DataParallel()
     keras.distribution.set_distribution(distribution)
@@ -244,6 +285,10 @@ def worker_count():
         cluster = config["cluster"]
         return sum(len(cluster.get(kind, [])) for kind in _TRAINING_TASKS)
     if backend == "jax":
+        import jax
+
+        if jax.distributed.is_initialized():
+            return jax.process_count()  # the cluster as it formed
         cluster = _jax_cluster()
         return 1 if cluster is None else cluster[1]
     return 1

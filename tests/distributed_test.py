@@ -275,6 +275,41 @@ def test_a_killed_worker_fails_the_other_within_the_bound(tmp_path, victim):
             '"index": 0}}',
             "is not in its cluster",
         ),
+        (
+            '{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": '
+            '"worker", "index": true}}',
+            "is not in its cluster",
+        ),
+        (
+            '{"cluster": {"worker": ["a:1"], "evaluator": ["e:1"]}, '
+            '"task": {"type": "evaluator", "index": 0}}',
+            "task type is 'evaluator'",
+        ),
+        (
+            '{"cluster": {"worker": ["a:1"], "ps": ["p:1"]}, "task": '
+            '{"type": "ps", "index": 0}}',
+            "task type is 'ps'",
+        ),
+        (
+            '{"cluster": {"worker": ["a:1", "b:abc"]}, "task": {"type": '
+            '"worker", "index": 0}}',
+            "holds the address 'b:abc'",
+        ),
+        (
+            '{"cluster": {"worker": ["a"]}, "task": {"type": "worker", '
+            '"index": 0}}',
+            "holds the address 'a'",
+        ),
+        (
+            '{"cluster": {"worker": ["a:99999"]}, "task": {"type": '
+            '"worker", "index": 0}}',
+            "port from 1 to 65535",
+        ),
+        (
+            '{"cluster": {"worker": ["a:1"], "chief": "c:1"}, "task": '
+            '{"type": "worker", "index": 0}}',
+            "lists 'chief' as 'c:1'",
+        ),
     ],
 )
 def test_a_malformed_tf_config_says_what_is_wrong(monkeypatch, value, match):
@@ -319,6 +354,18 @@ def test_the_chief_is_jax_process_zero(monkeypatch):
         keras_rnn_lora.is_chief()
     monkeypatch.delenv("KERAS_DISTRIBUTION_NUM_PROCESSES")
     with pytest.raises(ValueError, match="missing:.*NUM_PROCESSES"):
+        distributed.cluster_in_environment()
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="Keras' JAX cluster variables")
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "127.0.0.1:abc", ":1", "a:99999", "a:0", " "]
+)
+def test_a_jax_coordinator_reads_host_and_port(monkeypatch, address):
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", address)
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_PROCESS_ID", "0")
+    with pytest.raises(ValueError, match="KERAS_DISTRIBUTION_JOB_ADDRESSES"):
         distributed.cluster_in_environment()
 
 

@@ -125,6 +125,5 @@ class RoutedFactors:
         scale = None
         if config.use_dora:
             kernel = self.lora_kernel(target)
-            adapted = ops.cast(kernel, "float32") + ops.matmul(a, b)
-            scale = variants.dora_scale(m, adapted)
+            scale = variants.dora_scale(m, kernel, a, b, 1.0)
         return a, b, scale

@@ -8,7 +8,8 @@ columns)`, one column per output unit) as
 
 with a trainable magnitude `m` per column. The norm depends only on the
 weights, so a layer computes it once per call and the step stays factored:
-`(h@W + s*(h@A)@B) * (m / norm)`, column by column.
+`(h@W + s*(h@A)@B) * (m / norm)`, column by column. The norm is factored
+too (`factored_column_norms`): `W + s*A@B` is never formed.
 
 PiSSA (Meng et al. 2024) starts `A`, `B` from the kernel's top-`rank`
 singular vectors, OLoRA (Büyükakyüz 2024) from its QR decomposition; the
@@ -34,23 +35,56 @@ def _numpy(value):
     return np.array(ops.convert_to_numpy(value))
 
 
-def column_norms(kernel):
-    """The L2 norm of each column of `kernel` (over every axis but the
-    last), float32, with `keras.ops` (differentiable)."""
-    kernel = ops.cast(kernel, "float32")
-    axes = tuple(range(len(kernel.shape) - 1))
-    return ops.sqrt(ops.sum(ops.square(kernel), axis=axes))
+#: Rows of `W` per block when `factored_column_norms` sums its squares: at
+#: most this many values (4 MiB of float32). A full-size temporary costs
+#: more than the arithmetic on torch's CPU, which maps fresh memory for
+#: every tensor above 32 MiB (a 2048 x 6144 kernel is 48 MiB).
+BLOCK_VALUES = 1 << 20
 
 
-def dora_scale(magnitude, adapted_kernel):
+def factored_column_norms(kernel, a, b, scaling):
+    """The L2 norm of each column of `W + s*A@B` (over every axis but the
+    last; float32, differentiable) without forming `W + s*A@B`: column
+    `j`'s squared norm is
+
+        |W_j|^2 + 2 s B_j . (A^T W_j) + s^2 B_j . (A^T A) B_j.
+
+    `|W_j|^2` is summed over blocks of rows (`BLOCK_VALUES`) and `A^T W` is
+    a `(rank, columns)` product, so no full-size temporary exists in the
+    forward pass or the backward one. `kernel` has Keras' LoRA layout
+    (columns on the last axis), `a` the kernel's shape with the rank last,
+    `b` is `(rank, columns)`."""
+    columns = kernel.shape[-1]
+    rank = a.shape[-1]
+    w = ops.reshape(kernel, (-1, columns))
+    a = ops.reshape(ops.cast(a, "float32"), (-1, rank))
+    b = ops.cast(b, "float32") * scaling
+    step = max(1, BLOCK_VALUES // columns)
+    squares = 0.0
+    for start in range(0, w.shape[0], step):
+        block = ops.cast(w[start : start + step], "float32")
+        squares = squares + ops.sum(ops.square(block), axis=0)
+    a_t = ops.transpose(a)
+    projected = ops.matmul(a_t, ops.cast(w, "float32"))  # A^T W
+    squared = (
+        squares
+        + 2.0 * ops.sum(b * projected, axis=0)
+        + ops.sum(b * ops.matmul(ops.matmul(a_t, a), b), axis=0)
+    )
+    # The floor before the root keeps the gradient finite at a zero column.
+    return ops.sqrt(ops.maximum(squared, MIN_NORM * MIN_NORM))
+
+
+def dora_scale(magnitude, kernel, a, b, scaling):
     """`m / column_norm(W + s*A@B)`: what DoRA multiplies each column of the
-    adapted kernel's output by."""
-    norms = ops.maximum(column_norms(adapted_kernel), MIN_NORM)
+    adapted kernel's output by (`factored_column_norms`)."""
+    norms = factored_column_norms(kernel, a, b, scaling)
     return ops.cast(magnitude, "float32") / norms
 
 
 def column_norms_numpy(kernel):
-    """`column_norms` in float64 NumPy."""
+    """The L2 norm of each column of `kernel` (over every axis but the
+    last), float64 NumPy."""
     kernel = np.asarray(kernel, "float64")
     return np.sqrt(
         np.sum(np.square(kernel), axis=tuple(range(kernel.ndim - 1)))
@@ -142,8 +176,13 @@ class AdaptedKernels(LoRAHost):
     def dora_scale(self, target):
         """DoRA's column scale `m / column_norm(W + s*A@B)` of `target`
         (float32, live variables, differentiable)."""
+        a, b = self.lora_factors(target)
         return dora_scale(
-            self.lora_magnitude(target), self.adapted_kernel(target)
+            self.lora_magnitude(target),
+            self.lora_kernel(target),
+            a,
+            b,
+            self.scaling,
         )
 
     def effective_kernel(self, target):

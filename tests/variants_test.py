@@ -5,15 +5,19 @@ enable_lora, merging and adapter files that use them)."""
 import keras
 import numpy as np
 import pytest
+from cells_test import BATCH
 from cells_test import CELLS
 from cells_test import UNITS
 from cells_test import sequences
+from cells_test import small_model
 from conftest import STOCK_CELLS
+from conftest import gradients
 from conftest import randomize_lora
 from conftest import to_numpy
 from example_models import functional_model
 from example_models import x_batch
 from fused_reference import patch_fused_kernels
+from keras import ops
 
 import keras_rnn_lora
 from keras_rnn_lora import variants
@@ -97,6 +101,77 @@ def test_dora_scale_is_computed_once_per_call_not_per_step(cls, monkeypatch):
     calls.clear()
     layer(sequences(steps=7))
     assert calls == ["recurrent"]
+
+
+def formed_column_norms(kernel, a, b, scaling):
+    """The column norms of `W + s*A@B` with the kernel formed (what
+    `variants.factored_column_norms` computes without forming it)."""
+    adapted = ops.cast(kernel, "float32") + scaling * ops.matmul(
+        ops.cast(a, "float32"), ops.cast(b, "float32")
+    )
+    axes = tuple(range(len(adapted.shape) - 1))
+    return ops.sqrt(ops.sum(ops.square(adapted), axis=axes))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 5)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_factored_column_norms_are_the_formed_kernels(
+    shape, dtype, monkeypatch
+):
+    monkeypatch.setattr(variants, "BLOCK_VALUES", 9)  # blocks of one row
+    rng = np.random.default_rng(3)
+    kernel = rng.normal(size=shape)
+    a = rng.normal(size=(*shape[:-1], 2))
+    b = rng.normal(size=(2, shape[-1]))
+    kernel_in = ops.convert_to_tensor(kernel.astype("float32"), dtype)
+    got = variants.factored_column_norms(
+        kernel_in, a.astype("float32"), b.astype("float32"), 0.7
+    )
+    kernel = to_numpy(ops.cast(kernel_in, "float32")).astype("float64")
+    adapted = (kernel + 0.7 * a @ b).reshape(-1, shape[-1])
+    assert to_numpy(got).dtype == np.float32
+    np.testing.assert_allclose(
+        to_numpy(got), np.linalg.norm(adapted, axis=0), rtol=1e-5
+    )
+
+
+def dora_model_gradients(cls, monkeypatch, zero_column=False):
+    cell = cls(UNITS, rank=2, use_dora=True, lora_targets=TARGETS)
+    model = small_model(cell)
+    if zero_column:  # a dead unit: a fresh adapter's column is all zero
+        for target in TARGETS:
+            kernel = cell.lora_kernel(target)
+            value = to_numpy(kernel)
+            value[:, 0] = 0.0
+            kernel.assign(value)
+            cell.initialize_from_base()
+    else:
+        randomize_lora(cell)
+    x, y = sequences(), np.ones((BATCH, 2), "float32")
+    names = [w.name for w in model.trainable_weights]
+    factored = dict(zip(names, gradients(model, x, y), strict=True))
+    monkeypatch.setattr(variants, "factored_column_norms", formed_column_norms)
+    formed = dict(zip(names, gradients(model, x, y), strict=True))
+    return factored, formed
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_dora_gradients_are_those_of_the_formed_kernel(cls, monkeypatch):
+    monkeypatch.setattr(variants, "BLOCK_VALUES", 2 * 3 * UNITS)
+    factored, formed = dora_model_gradients(cls, monkeypatch)
+    assert any("magnitude" in name for name in factored)
+    for name, value in factored.items():
+        assert np.abs(value).max() > 0, name
+        np.testing.assert_allclose(
+            value, formed[name], rtol=1e-4, atol=1e-6, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_dora_gradients_stay_finite_at_a_zero_column(cls, monkeypatch):
+    factored, _ = dora_model_gradients(cls, monkeypatch, zero_column=True)
+    for name, value in factored.items():
+        assert np.isfinite(value).all(), name
 
 
 @pytest.mark.parametrize("init", ["default", *INITS])

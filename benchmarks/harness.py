@@ -202,9 +202,23 @@ def command_line():
     )
 
 
+#: Environment variables that change how fast the backends run; the ones
+#: set are recorded with every result.
+SPEED_VARIABLES = (
+    "XLA_FLAGS",
+    "TF_ENABLE_ONEDNN_OPTS",
+    "TF_NUM_INTEROP_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
 def provenance():
     """Where a result comes from: the command, the date (UTC), the commit
-    and whether the code differed from it, the backend, versions, device."""
+    and whether the code differed from it, the backend, versions, device,
+    and the `SPEED_VARIABLES` set in the environment."""
     name = backend()
     return {
         "command": command_line(),
@@ -216,6 +230,9 @@ def provenance():
         "backend": name,
         "versions": versions(name),
         "device": device(name),
+        "environment": {
+            key: os.environ[key] for key in SPEED_VARIABLES if key in os.environ
+        },
     }
 
 

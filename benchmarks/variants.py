@@ -37,11 +37,13 @@ On the shared 2-core CPU at a load average of 4-13, the steps took 5-9
 minutes a backend and one initialization round about 4 minutes (PiSSA's
 SVD of each 2048 x 6144 kernel dominates); `--init-rounds 0` skips it. Writes
 benchmarks/results/variants_<backend>.json (after the steps, and again
-after the initialization) and prints Markdown tables last.
+after the initialization; `--tag` names another file) and prints Markdown
+tables last.
 """
 
 import functools
 import os
+import re
 import statistics
 
 import harness
@@ -92,7 +94,20 @@ def parse_args(argv=None):
         help="torch intra-op threads (torch.set_num_threads; default: "
         "torch's own); the other backends refuse it",
     )
+    parser.add_argument(
+        "--tag",
+        default=None,
+        help="writes variants_<backend>_<tag>.json instead of "
+        "variants_<backend>.json (a run under other settings, such as "
+        "XLA_FLAGS, beside the default one); lowercase letters, digits and "
+        "underscores",
+    )
     args = parser.parse_args(argv)
+    if args.tag is not None and not re.fullmatch(r"[a-z0-9_]+", args.tag):
+        parser.error(
+            "--tag takes lowercase letters, digits and underscores, "
+            f"received {args.tag!r}"
+        )
     if args.threads is not None and harness.backend() != "torch":
         parser.error(
             "--threads sets torch's threads: run with KERAS_BACKEND=torch"
@@ -298,6 +313,7 @@ def main():
     args = parse_args()
     backend = harness.backend()
     results = {"settings": vars(args), "goal": GOAL, "steps": {}}
+    name = f"variants_{backend}" + (f"_{args.tag}" if args.tag else "")
     if backend == "torch":
         import torch
 
@@ -311,7 +327,7 @@ def main():
             results["steps"][name] = measure_steps(SIZES[name], rounds)
     # Written now and again after the initialization, the slow part: an
     # interrupted run keeps its step figures.
-    harness.write_results(f"variants_{backend}", results)
+    harness.write_results(name, results)
     if args.init_rounds:
         print(
             f"initialization at {args.init_units} units: "
@@ -319,7 +335,7 @@ def main():
             flush=True,
         )
         results["init"] = measure_init(args.init_units, args.init_rounds)
-        harness.write_results(f"variants_{backend}", results)
+        harness.write_results(name, results)
     if results["steps"]:
         harness.print_table(
             STEP_HEADER,

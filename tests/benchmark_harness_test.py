@@ -46,7 +46,9 @@ def test_parser_describes_the_script_and_checks_rounds(monkeypatch):
     assert not hasattr(harness.parser(doc).parse_args([]), "rounds")
 
 
-def test_results_carry_provenance_and_relative_paths(tmp_path):
+def test_results_carry_provenance_and_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     inside = os.path.join(harness.ROOT, "benchmarks", "results", "x.png")
     written = harness.write_results(
         "example",
@@ -74,6 +76,10 @@ def test_results_carry_provenance_and_relative_paths(tmp_path):
     assert found["device"]["cpu"]
     assert found["device"]["cpu_count"] == os.cpu_count()
     assert isinstance(found["device"]["gpus"], list)
+    assert (
+        found["environment"]["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+    )
+    assert "OMP_NUM_THREADS" not in found["environment"]
     assert harness.read_results("example", directory=tmp_path) == content
     assert harness.read_results("absent", directory=tmp_path) is None
 

@@ -101,3 +101,11 @@ def test_threads_are_torchs_alone():
     assert variants.parse_args([]).threads is None
     with pytest.raises(SystemExit):
         variants.parse_args(["--threads", "0"])
+
+
+def test_tag_names_the_results_file():
+    assert variants.parse_args([]).tag is None
+    assert variants.parse_args(["--tag", "xla_seq2"]).tag == "xla_seq2"
+    for bad in ("Seq", "a-b", "", "../x"):
+        with pytest.raises(SystemExit):
+            variants.parse_args(["--tag", bad])

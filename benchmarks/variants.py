@@ -313,7 +313,7 @@ def main():
     args = parse_args()
     backend = harness.backend()
     results = {"settings": vars(args), "goal": GOAL, "steps": {}}
-    name = f"variants_{backend}" + (f"_{args.tag}" if args.tag else "")
+    results_name = f"variants_{backend}" + (f"_{args.tag}" if args.tag else "")
     if backend == "torch":
         import torch
 
@@ -327,7 +327,7 @@ def main():
             results["steps"][name] = measure_steps(SIZES[name], rounds)
     # Written now and again after the initialization, the slow part: an
     # interrupted run keeps its step figures.
-    harness.write_results(name, results)
+    harness.write_results(results_name, results)
     if args.init_rounds:
         print(
             f"initialization at {args.init_units} units: "
@@ -335,7 +335,7 @@ def main():
             flush=True,
         )
         results["init"] = measure_init(args.init_units, args.init_rounds)
-        harness.write_results(name, results)
+        harness.write_results(results_name, results)
     if results["steps"]:
         harness.print_table(
             STEP_HEADER,

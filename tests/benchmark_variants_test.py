@@ -109,3 +109,24 @@ def test_tag_names_the_results_file():
     for bad in ("Seq", "a-b", "", "../x"):
         with pytest.raises(SystemExit):
             variants.parse_args(["--tag", bad])
+
+
+def test_main_writes_its_results_under_the_backend_and_tag(monkeypatch):
+    written = []
+    monkeypatch.setattr(
+        variants, "SIZES", {"default": TINY, "hidden2048": TINY}
+    )
+    monkeypatch.setattr(
+        harness, "write_results", lambda name, results: written.append(name)
+    )
+    backend = keras.backend.backend()
+    argv = ["variants.py", "--rounds", "1", "--big-rounds", "1"]
+    for tag, expected in (
+        (None, f"variants_{backend}"),
+        ("t2", f"variants_{backend}_t2"),
+    ):
+        written.clear()
+        tagged = [] if tag is None else ["--tag", tag]
+        monkeypatch.setattr("sys.argv", [*argv, "--init-rounds", "0", *tagged])
+        variants.main()
+        assert written == [expected]

@@ -33,9 +33,9 @@ shared CPU the absolute times move with it, the ratios within a round less.
     KERAS_BACKEND=tensorflow python benchmarks/variants.py
     KERAS_BACKEND=jax python benchmarks/variants.py --init-rounds 3
 
-On the shared 2-core CPU at a load average of 4-13, the steps took 5-9
-minutes a backend and one initialization round about 4 minutes (PiSSA's
-SVD of each 2048 x 6144 kernel dominates); `--init-rounds 0` skips it. Writes
+On a quiet 2-core CPU, `--rounds 45 --big-rounds 15 --init-rounds 3` took
+0.5 to 3 minutes a backend (PiSSA's SVD of each 2048 x 6144 kernel is the
+slowest part of a conversion); `--init-rounds 0` skips the conversions. Writes
 benchmarks/results/variants_<backend>.json (after the steps, and again
 after the initialization; `--tag` names another file) and prints Markdown
 tables last.

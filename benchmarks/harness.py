@@ -21,12 +21,10 @@ modules of this folder; the script hands its result back with `report`.
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -94,105 +92,18 @@ def backend():
 # -- provenance ---------------------------------------------------------------
 
 
-def _git(*args):
-    try:
-        return subprocess.run(
-            ["git", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def code_changed():
     """Whether tracked files differ from the commit, results aside (a run
     rewrites them); `None` outside a git checkout."""
-    status = _git(
-        "status",
-        "--porcelain",
-        "--untracked-files=no",
-        "--",
-        ".",
-        f":(exclude){RESULTS.relative_to(ROOT).as_posix()}",
+    return _git_state()["uncommitted_changes"]
+
+
+def _git_state():
+    from keras_rnn_lora import measurement
+
+    return measurement.git_state(
+        ROOT, exclude=[RESULTS.relative_to(ROOT).as_posix()]
     )
-    return None if status is None else bool(status)
-
-
-def versions(backend_name):
-    """Versions of Python, Keras, NumPy, this library and the backend's
-    library (jaxlib too on JAX)."""
-    import keras
-    import numpy
-
-    import keras_rnn_lora
-
-    found = {
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "numpy": numpy.__version__,
-        "keras_rnn_lora": keras_rnn_lora.__version__,
-    }
-    modules = {
-        "tensorflow": ("tensorflow",),
-        "jax": ("jax", "jaxlib"),
-        "torch": ("torch",),
-    }.get(backend_name, ())
-    for name in modules:
-        with contextlib.suppress(ImportError):
-            found[name] = __import__(name).__version__
-    return found
-
-
-def cpu_model():
-    """The CPU's model name (Linux `/proc/cpuinfo`, else `platform`)."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def gpus(backend_name):
-    """The names of the GPUs the backend sees (empty without one)."""
-    if backend_name == "torch":
-        import torch
-
-        return [
-            torch.cuda.get_device_name(i)
-            for i in range(torch.cuda.device_count())
-        ]
-    if backend_name == "tensorflow":
-        import tensorflow as tf
-
-        return [
-            tf.config.experimental.get_device_details(gpu).get(
-                "device_name", gpu.name
-            )
-            for gpu in tf.config.list_physical_devices("GPU")
-        ]
-    if backend_name == "jax":
-        import jax
-
-        return [d.device_kind for d in jax.devices() if d.platform != "cpu"]
-    return []
-
-
-def device(backend_name):
-    """The CPU, its core count, any GPU, and torch's intra-op threads."""
-    found = {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "gpus": gpus(backend_name),
-    }
-    if backend_name == "torch":
-        import torch
-
-        found["torch_threads"] = torch.get_num_threads()
-    return found
 
 
 def command_line():
@@ -202,37 +113,23 @@ def command_line():
     )
 
 
-#: Environment variables that change how fast the backends run; the ones
-#: set are recorded with every result.
-SPEED_VARIABLES = (
-    "XLA_FLAGS",
-    "TF_ENABLE_ONEDNN_OPTS",
-    "TF_NUM_INTEROP_THREADS",
-    "TF_NUM_INTRAOP_THREADS",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "CUDA_VISIBLE_DEVICES",
-)
-
-
 def provenance():
     """Where a result comes from: the command, the date (UTC), the commit
     and whether the code differed from it, the backend, versions, device,
-    and the `SPEED_VARIABLES` set in the environment."""
+    and the speed-relevant environment (`measurement.speed_environment`)."""
+    from keras_rnn_lora import measurement
+
     name = backend()
     return {
         "command": command_line(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"
         ),
-        "commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": code_changed(),
+        **_git_state(),
         "backend": name,
-        "versions": versions(name),
-        "device": device(name),
-        "environment": {
-            key: os.environ[key] for key in SPEED_VARIABLES if key in os.environ
-        },
+        "versions": measurement.versions(name),
+        "device": measurement.device(name),
+        "environment": measurement.speed_environment(),
     }
 
 

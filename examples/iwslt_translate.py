@@ -73,14 +73,15 @@ def run(parser, args, split, fingerprint):
     key_path = os.path.join(args.output_dir, "run_key.txt")
     if os.path.exists(key_path) and open(key_path).read() != key:
         parser.error(
-            f"--output-dir {args.output_dir} holds a run with other settings "
-            "or other data; choose another folder or delete it"
+            f"--output-dir {args.output_dir} holds a run with other settings, "
+            "other data or other code; choose another folder or delete it"
         )
     with open(key_path, "w") as file:
         file.write(key)
     print(f"Data: {split.sizes()}", flush=True)
     arms = args.arms
     learning = [arm for arm in arms if arm != "frozen"]
+    processes.run_in_child(jobs.environment, args)
     # -- Train: pre-training, learning rates, the incremental phase.
     if not os.path.exists(jobs.path(args, "pretrained.keras")):
         processes.run_in_child(jobs.pretrain, args)

@@ -7,12 +7,17 @@
   C, ...), so that every one sees the same machine load; compare them with
   `ratio_summary` (median and range of per-round ratios), never across
   separate runs.
+- `versions`, `device` and `git_state`: what a figure was measured with,
+  for the record beside it.
 
 Used by `benchmarks/` and the main job alike.
 """
 
+import contextlib
 import os
+import platform
 import statistics
+import subprocess
 import threading
 import time
 
@@ -130,3 +135,138 @@ def ratio_summary(times, numerator, denominator):
     return summary(
         a / b for a, b in zip(times[numerator], times[denominator], strict=True)
     )
+
+
+# -- what a figure was measured with -----------------------------------------
+
+
+def versions(backend_name):
+    """Versions of Python, Keras, NumPy, this library and the library of
+    `backend_name` (jaxlib too on JAX), as `{name: version}`."""
+    import keras
+    import numpy
+
+    import keras_rnn_lora
+
+    found = {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+        "keras_rnn_lora": keras_rnn_lora.__version__,
+    }
+    modules = {
+        "tensorflow": ("tensorflow",),
+        "jax": ("jax", "jaxlib"),
+        "torch": ("torch",),
+    }.get(backend_name, ())
+    for name in modules:
+        with contextlib.suppress(ImportError):
+            found[name] = __import__(name).__version__
+    return found
+
+
+def cpu_model():
+    """The CPU's model name (Linux `/proc/cpuinfo`, else `platform`)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def gpus(backend_name):
+    """The names of the GPUs `backend_name` sees (empty without one)."""
+    if backend_name == "torch":
+        import torch
+
+        return [
+            torch.cuda.get_device_name(i)
+            for i in range(torch.cuda.device_count())
+        ]
+    if backend_name == "tensorflow":
+        import tensorflow as tf
+
+        return [
+            tf.config.experimental.get_device_details(gpu).get(
+                "device_name", gpu.name
+            )
+            for gpu in tf.config.list_physical_devices("GPU")
+        ]
+    if backend_name == "jax":
+        import jax
+
+        return [d.device_kind for d in jax.devices() if d.platform != "cpu"]
+    return []
+
+
+def device(backend_name):
+    """The CPU, its core count, the GPUs `backend_name` sees and, on torch,
+    its intra-op threads."""
+    found = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpus": gpus(backend_name),
+    }
+    if backend_name == "torch":
+        import torch
+
+        found["torch_threads"] = torch.get_num_threads()
+    return found
+
+
+#: Environment variables that change how fast the backends run.
+SPEED_VARIABLES = (
+    "XLA_FLAGS",
+    "TF_ENABLE_ONEDNN_OPTS",
+    "TF_NUM_INTEROP_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
+def speed_environment():
+    """The `SPEED_VARIABLES` set in this process' environment, as
+    `{name: value}`."""
+    return {
+        key: os.environ[key] for key in SPEED_VARIABLES if key in os.environ
+    }
+
+
+def git_state(directory, exclude=()):
+    """`{"commit", "uncommitted_changes"}` of the git checkout holding
+    `directory`: the commit checked out, and whether tracked files differ
+    from it (paths in `exclude`, relative to the checkout, aside); both
+    `None` outside a checkout or without git."""
+
+    def git(*args):
+        try:
+            return subprocess.run(
+                ["git", *args],
+                cwd=directory,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    root = git("rev-parse", "--show-toplevel")
+    if root is None:
+        return {"commit": None, "uncommitted_changes": None}
+    status = git(
+        "-C",
+        root,
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        *(f":(exclude){path}" for path in exclude),
+    )
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": None if status is None else bool(status),
+    }

@@ -3,7 +3,6 @@ parsing, its refusals, and that a run without it is untouched. Training
 on two workers is tested on the library itself (distributed_test.py)."""
 
 import contextlib
-import json
 
 import keras
 import numpy as np
@@ -46,24 +45,36 @@ def test_one_worker_is_the_default():
     assert parse("--multi-worker")[1].multi_worker is True
 
 
-def test_the_run_key_of_a_one_worker_run_is_unchanged():
-    """The key of a run without the flag is computed as before the flag
-    existed (a folder from then resumes); with it, the key differs."""
-    import hashlib
-
+def test_the_run_key_covers_the_flag_and_the_code(monkeypatch):
+    """A run with the flag, or from other code, never resumes a folder
+    made without it or from this code."""
     from iwslt import settings
 
     _, args = parse()
-    recorded = args.recorded()
-    skip = {"data_dir", "output_dir", "export_dir", "arms", "seeds"}
-    skip |= {"ablation", "timing_rounds", "multi_worker"}
-    old = {k: v for k, v in sorted(recorded.items()) if k not in skip}
-    old["data"] = "fingerprint"
-    text = json.dumps(old, sort_keys=True, default=str)
-    expected = hashlib.sha256(text.encode()).hexdigest()[:12]
-    assert settings.run_key(args, "fingerprint") == expected
     _, multi = parse("--multi-worker")
-    assert settings.run_key(multi, "fingerprint") != expected
+    key = settings.run_key(args, "fingerprint")
+    assert settings.run_key(multi, "fingerprint") != key
+    assert settings.run_key(args, "fingerprint") == key  # deterministic
+    monkeypatch.setattr(settings, "code_fingerprint", lambda: "other code")
+    assert settings.run_key(args, "fingerprint") != key
+
+
+def test_the_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    from iwslt import settings
+
+    fingerprint = settings.code_fingerprint()
+    assert len(fingerprint) == 12 and fingerprint == settings.code_fingerprint()
+    # A copy of the library with one changed line has another fingerprint.
+    package = importlib.util.find_spec("keras_rnn_lora")
+    copy = tmp_path / "keras_rnn_lora"
+    shutil.copytree(list(package.submodule_search_locations)[0], copy)
+    assert settings.code_fingerprint(str(copy)) == fingerprint
+    with open(copy / "lora.py", "a") as file:
+        file.write("\n# changed\n")
+    assert settings.code_fingerprint(str(copy)) != fingerprint
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the refusal is torch's")

@@ -90,3 +90,93 @@ def test_reductions_come_from_the_interleaved_ratio():
     arms["lora"]["peak_rss_mb"] = None
     assert report.reductions(arms)["time_reduction"] is None
     assert report.reductions(arms)["memory_reduction"] is None
+
+
+def report_results(pretrain_epochs=30, epochs_run=30, best_epoch=27, seeds=1):
+    """A results dict as `collect` makes it, for `markdown`."""
+    timing = {"ratio_to_full": {}, "rounds": 3}
+    arms = {
+        arm: report.aggregate(arm, [seed_result(ppl)], PRETRAIN, timing, {})
+        for arm, ppl in (("full", 100.0), ("lora", 120.0))
+    }
+    arms["lora"]["trainable_params"] = 1
+    settings = {
+        "pretrain_epochs": pretrain_epochs,
+        "patience": 3,
+        "update_epochs": 4,
+        "seeds": seeds,
+        "units": 8,
+        "embedding_dim": 8,
+        "vocab_size": 100,
+        "rank": 2,
+        "dropout": 0.0,
+        "label_smoothing": 0.1,
+    }
+    pretrained = {
+        **PRETRAIN,
+        "best_epoch": best_epoch,
+        "epochs_run": epochs_run,
+        "test_perplexity": 90.0,
+        "test_bleu": 4.0,
+    }
+    return {
+        "backend": "tensorflow",
+        "settings": settings,
+        "data": {
+            "initial": 9500,
+            "chunks": [4700, 4700],
+            "heldout": {"initial": 500, "chunk_1": 300, "chunk_2": 300},
+            "test": 8079,
+        },
+        "pretrained": pretrained,
+        "learning_rates": {},
+        "timing": timing,
+        "arms": arms,
+        "ablation": {},
+        "reductions": report.reductions(arms),
+        "provenance": {
+            "commit": "0123456789abcdef",
+            "uncommitted_changes": False,
+            "backend": "tensorflow",
+            "versions": {"keras": "3.15.1", "tensorflow": "2.21.0"},
+            "device": {"cpu": "Some CPU", "cpu_count": 2, "gpus": []},
+            "sacrebleu": {"bleu": "nrefs:1|tok:13a", "chrf": "nrefs:1|nc:6"},
+        },
+    }
+
+
+def test_the_report_says_how_pre_training_ended_from_its_record():
+    capped = report.markdown(report_results())
+    assert (
+        "it ran its cap of 30 epochs without early stopping (patience 3); "
+        "best epoch 28" in capped
+    )
+    assert "stopped improving" not in capped
+    stopped = report.markdown(report_results(epochs_run=14, best_epoch=10))
+    assert (
+        "early stopping ended it after epoch 14, 3 epochs after its best, "
+        in (stopped)
+    )
+
+
+def test_the_report_states_figures_not_explanations():
+    text = report.markdown(report_results())
+    assert "| LoRA vs full fine-tuning | paper | ours |\n" in text
+    assert "why they differ" not in text
+    for prose in ("dominates", "outweigh", "cannot move", "a CPU's costs"):
+        assert prose not in text, prose
+    assert "One seed of this phase." in text and "± std" not in text
+    assert "20,000 training pairs read (9.7% of IWSLT 2017" in text
+    assert "1 seed of the incremental phase" in text
+    assert (
+        "Run: tensorflow on Some CPU (2 cores; no GPU); code 0123456789ab; "
+        "keras 3.15.1, tensorflow 2.21.0. sacrebleu: BLEU nrefs:1|tok:13a, "
+        "chrF nrefs:1|nc:6." in text
+    )
+    three = report.markdown(report_results(seeds=3))
+    assert "3 seeds of this phase: mean ± std." in three
+    flagged = report_results()
+    flagged["provenance"]["environment"] = {"XLA_FLAGS": "--x=1"}
+    assert "tensorflow 2.21.0; XLA_FLAGS=--x=1. sacrebleu" in report.markdown(
+        flagged
+    )

@@ -147,8 +147,12 @@ def check_report(folders, result, results, arms, seeds):
     for arm in set(arms) - {"frozen"}:
         assert arms[arm]["step_time_ratio"]["rounds"] == 2
         assert arms[arm]["peak_rss_mb"] > 0
+    assert results["provenance"]["backend"] == keras.backend.backend()
+    assert "tok:13a" in results["provenance"]["sacrebleu"]["bleu"]
+    assert isinstance(results["provenance"]["environment"], dict)
     report = (out / "results.md").read_text()
     assert "| lora |" in report and "83.7%" in report
+    assert "why they differ" not in report and "\nRun: " in report
     assert "Forgetting matrices" in report and "*Climate change" in report
     assert report.strip() in result.stdout
     for plot in ("curves.png", "forgetting.png"):

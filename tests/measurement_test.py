@@ -1,6 +1,9 @@
 """Tests for keras_rnn_lora/measurement.py: what the benchmarks and the main
 job's cost figures are measured with."""
 
+import os
+
+import keras
 import numpy as np
 import pytest
 
@@ -49,3 +52,35 @@ def test_summaries_are_of_per_round_ratios():
     assert ratios == {"median": 0.5, "min": 0.25, "max": 1.0, "rounds": 3}
     with pytest.raises(ValueError):  # rounds must pair up
         measurement.ratio_summary({"a": [1.0], "b": [1.0, 2.0]}, "a", "b")
+
+
+def test_versions_and_device_name_the_backend_and_its_library():
+    backend = keras.backend.backend()
+    found = measurement.versions(backend)
+    assert found["keras"] == keras.__version__
+    assert found[backend] == __import__(backend).__version__
+    assert {"python", "numpy", "keras_rnn_lora"} <= set(found)
+    device = measurement.device(backend)
+    assert device["cpu"] and device["cpu_count"] >= 1
+    assert isinstance(device["gpus"], list)
+    assert ("torch_threads" in device) == (backend == "torch")
+
+
+def test_speed_environment_holds_the_variables_set(monkeypatch):
+    for key in measurement.SPEED_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    assert measurement.speed_environment() == {}
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("UNRELATED_SETTING", "1")
+    assert measurement.speed_environment() == {"OMP_NUM_THREADS": "2"}
+
+
+def test_git_state_of_this_checkout_and_of_no_checkout(tmp_path):
+    here = measurement.git_state(os.path.dirname(__file__))
+    if here["commit"] is not None:  # a clone; an sdist has no .git
+        assert len(here["commit"]) == 40
+        assert isinstance(here["uncommitted_changes"], bool)
+    assert measurement.git_state(str(tmp_path)) == {
+        "commit": None,
+        "uncommitted_changes": None,
+    }

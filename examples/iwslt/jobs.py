@@ -21,6 +21,7 @@ from iwslt.data import batches
 from iwslt.data import preprocessor as make_preprocessor
 from iwslt.evaluate import final_scores
 from iwslt.evaluate import forgetting_row
+from iwslt.paths import REPOSITORY
 from iwslt.paths import from_output
 from iwslt.paths import in_output
 from iwslt.settings import ARMS
@@ -39,6 +40,33 @@ def setup(args, seed):
     keras.utils.set_random_seed(seed)
     split = Split(args)
     return split, make_preprocessor(args, split)
+
+
+# -- the record of what ran ----------------------------------------------------
+
+
+def environment(args):
+    """environment.json: the code's commit (and whether files differed from
+    it), the backend, package versions, the device as the backend sees it,
+    the speed-relevant environment variables and sacrebleu's signatures,
+    recorded once per process that trains."""
+    import keras
+
+    from keras_rnn_lora import measurement
+    from keras_rnn_lora.translation.evaluation import score_signatures
+
+    backend = keras.backend.backend()
+    write_json(
+        path(args, "environment.json"),
+        {
+            **measurement.git_state(REPOSITORY),
+            "backend": backend,
+            "versions": measurement.versions(backend),
+            "device": measurement.device(backend),
+            "environment": measurement.speed_environment(),
+            "sacrebleu": score_signatures(),
+        },
+    )
 
 
 # -- pre-training -------------------------------------------------------------

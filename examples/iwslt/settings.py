@@ -105,7 +105,7 @@ ARMS = {
         "targets": ("kernel", "recurrent"),
     },
     "lora_bf16": {
-        "method": "lora",
+        "method": "lora_bf16",
         "about": "`lora` with the frozen base in bfloat16; one adapter "
         "learns every chunk (a bfloat16 kernel cannot hold a merge)",
         "targets": ("recurrent",),
@@ -115,16 +115,18 @@ ARMS = {
 }
 DEFAULT_ARMS = "full,lora,lora_kernel,lora_bf16,frozen"
 # Learning rates tried per method on the first chunk (seed 0), chosen on
-# validation perplexity. Each grid spans both directions around a prior; if
-# the best rate is at an edge, the grid is extended by the same factor
-# (`GRID_EXTENSIONS` times at most), so the choice is an interior optimum.
+# validation perplexity (`lora_bf16` too: its base rounds differently).
+# Each grid spans both directions around a prior; if the best rate is at an
+# edge, the grid is extended by the same factor (`GRID_EXTENSIONS` times at
+# most), so the choice is an interior optimum.
 LEARNING_RATE_GRIDS = {
     "full": (3e-4, 1e-3, 3e-3),
     "lora": (3e-3, 1e-2, 3e-2),
     "lora_kernel": (3e-3, 1e-2, 3e-2),
+    "lora_bf16": (3e-3, 1e-2, 3e-2),
 }
 SMOKE_GRIDS = {"full": (1e-3, 3e-3), "lora": (1e-2, 3e-2)}
-SMOKE_GRIDS["lora_kernel"] = SMOKE_GRIDS["lora"]
+SMOKE_GRIDS["lora_kernel"] = SMOKE_GRIDS["lora_bf16"] = SMOKE_GRIDS["lora"]
 GRID_FACTOR = 3.0
 GRID_EXTENSIONS = 2
 # `--ablation`: what closes the gap, at what cost (first chunk, seed 0).
@@ -322,13 +324,47 @@ def _check(parser, args):
         )
 
 
+def code_fingerprint(package_dir=None):
+    """SHA-256 (12 hex digits) of the source the results come from: the
+    main job (examples/iwslt_translate.py, examples/iwslt/) and the
+    `keras_rnn_lora` it imports (or the package folder `package_dir`)."""
+    import importlib.util
+
+    examples = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if package_dir is None:
+        spec = importlib.util.find_spec("keras_rnn_lora")
+        package_dir = list(spec.submodule_search_locations)[0]
+    roots = {
+        "examples/iwslt": os.path.join(examples, "iwslt"),
+        "keras_rnn_lora": package_dir,
+    }
+    files = [
+        (
+            "examples/iwslt_translate.py",
+            os.path.join(examples, "iwslt_translate.py"),
+        )
+    ]
+    for name, root in roots.items():
+        for folder, _, found in os.walk(root):
+            for file in found:
+                if file.endswith(".py"):
+                    full = os.path.join(folder, file)
+                    relative = os.path.relpath(full, root)
+                    files.append((f"{name}/{relative}", full))
+    digest = hashlib.sha256()
+    for name, full in sorted(files):
+        digest.update(name.replace(os.sep, "/").encode() + b"\0")
+        with open(full, "rb") as file:
+            digest.update(file.read() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def run_key(args, data_fingerprint):
-    """A fingerprint of everything that changes results: the settings and
-    the content of the data, so a resumed run only reuses work made from
-    the same settings and the same data. (`--seeds`, `--arms` and
-    `--ablation` add work without changing what is done, so they are not
-    in it; `--multi-worker` is, when given, so a one-worker run keeps the
-    key it had before the flag existed.)"""
+    """A fingerprint of everything that changes results: the settings, the
+    content of the data and the code (`code_fingerprint`), so a resumed run
+    only reuses work made from the same settings, data and code. (`--seeds`,
+    `--arms` and `--ablation` add work without changing what is done, so
+    they are not in it; `--multi-worker` is, when given.)"""
     skip = {
         "data_dir",
         "output_dir",
@@ -339,9 +375,8 @@ def run_key(args, data_fingerprint):
         "timing_rounds",
     }
     recorded = args.recorded()
-    if not recorded["multi_worker"]:  # keys of one-worker runs as before
-        skip.add("multi_worker")
     settings = {k: v for k, v in sorted(recorded.items()) if k not in skip}
     settings["data"] = data_fingerprint
+    settings["code"] = code_fingerprint()
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

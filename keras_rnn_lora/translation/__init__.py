@@ -43,6 +43,7 @@ _LAZY = {
     "translate": "evaluation",
     "EmptyTranslationWarning": "evaluation",
     "corpus_scores": "evaluation",
+    "score_signatures": "evaluation",
     "export_translator": "export",
 }
 

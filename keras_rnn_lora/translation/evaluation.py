@@ -141,3 +141,19 @@ def corpus_scores(hypotheses, references):
         "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
     }
+
+
+def score_signatures():
+    """sacrebleu's signatures of the BLEU and chrF that `corpus_scores`
+    computes (one reference per sentence): `{"bleu": str, "chrf": str}`,
+    such as `"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"`.
+    Report them beside the scores: BLEU is comparable only under one
+    signature."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import CHRF
+
+    found = {}
+    for name, metric in (("bleu", BLEU()), ("chrf", CHRF())):
+        metric.corpus_score(["a"], [["a"]])  # sets the reference count
+        found[name] = str(metric.get_signature())
+    return found

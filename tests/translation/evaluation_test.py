@@ -101,6 +101,16 @@ def test_corpus_scores_with_sacrebleu():
         evaluation.corpus_scores(["a"], references)
 
 
+def test_score_signatures_are_those_of_corpus_scores():
+    import sacrebleu
+
+    found = evaluation.score_signatures()
+    assert set(found) == {"bleu", "chrf"}
+    assert "nrefs:1" in found["bleu"] and "tok:13a" in found["bleu"]
+    assert f"version:{sacrebleu.__version__}" in found["bleu"]
+    assert "nrefs:1" in found["chrf"] and "nc:6" in found["chrf"]
+
+
 def test_a_model_that_ends_every_sentence_at_once_is_told(tmp_path):
     """A briefly trained translator's most likely first token is [END]: every
     translation is empty, and `translate` says why instead of returning

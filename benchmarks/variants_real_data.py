@@ -199,10 +199,10 @@ def check_run(parser, run):
     if settings.run_key(run, fingerprint) != run_key(run):
         data = run.data_dir or "none given, the TFDS download"
         parser.error(
-            f"--output-dir {folder} holds a run with other settings or other "
-            f"data than these arguments (data: {data}); give the arguments "
+            f"--output-dir {folder} holds a run with other settings, data or "
+            f"code than these arguments (data: {data}); give the arguments "
             "and the data that run was started with (--smoke, --units, ...; "
-            "IWSLT2017_DIR or --data-dir)"
+            "IWSLT2017_DIR or --data-dir), from the code it was made with"
         )
     needed = [
         os.path.join(folder, "pretrained.keras"),

@@ -179,7 +179,7 @@ def test_a_run_made_from_other_data_names_the_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         check.check_run(parser, run)
     err = capsys.readouterr().err
-    assert "holds a run with other settings or other data" in err
+    assert "holds a run with other settings, data or code" in err
     data = run.data_dir or "none given, the TFDS download"
     assert f"(data: {data})" in err and "IWSLT2017_DIR" in err
 

@@ -256,7 +256,7 @@ def test_the_variants_check_learns_the_first_chunk_of_a_finished_run(
     assert "== dora" not in again.stdout  # nothing trained again
     other = run([*own, "--smoke"], cwd=root, script=script, env=env)
     assert other.returncode == 2
-    assert "holds a run with other settings" in other.stderr
+    assert "holds a run with other settings, data or code" in other.stderr
 
 
 def start(args, cwd=None):

@@ -169,15 +169,6 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
             self._dora_scales = {
                 t: self.dora_scale(t) for t in self.lora_targets
             }
-            # Spread over the batch once: a step's product is then
-            # elementwise, and the scale's gradient one sum over the batch
-            # after the loop instead of one at every step (which XLA's CPU
-            # loop runs as a separate kernel per step).
-            batch = ops.shape(step_input)[0]
-            self._dora_step_scales = {
-                t: ops.broadcast_to(scale, (batch, scale.shape[-1]))
-                for t, scale in self._dora_scales.items()
-            }
         route = routing.current()
         if (
             route is not None
@@ -195,15 +186,10 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
     def reset_dropout_mask(self):
         super().reset_dropout_mask()
         self._dora_scales = None
-        self._dora_step_scales = None
         self._routed = None
         self._routed_route = None
 
-    def _call_dora_scale(self, target, step=False):
-        """DoRA's column scale of `target` for this call: `(columns,)`, or
-        `(batch, columns)` for one `step` inside Keras' loop."""
-        if step and getattr(self, "_dora_step_scales", None):
-            return self._dora_step_scales[target]
+    def _call_dora_scale(self, target):
         scales = getattr(self, "_dora_scales", None)
         return scales[target] if scales else self.dora_scale(target)
 
@@ -247,9 +233,9 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
             y = y + ops.cast(ops.matmul(low, b), y.dtype)
         if not self.use_dora:
             return y
-        scale = self._call_dora_scale(target, step=len(x.shape) == 2)
+        scale = self._call_dora_scale(target)
         if columns is not None:
-            scale = scale[..., columns]
+            scale = scale[columns]
         return y * ops.cast(scale, y.dtype)
 
     def _project_routed(self, target, x, y, columns, route):

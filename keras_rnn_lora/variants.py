@@ -8,8 +8,9 @@ columns)`, one column per output unit) as
 
 with a trainable magnitude `m` per column. The norm depends only on the
 weights, so a layer computes it once per call and the step stays factored:
-`(h@W + s*(h@A)@B) * (m / norm)`, column by column. The norm is factored
-too (`factored_column_norms`): `W + s*A@B` is never formed.
+`(h@W + s*(h@A)@B) * (m / norm)`, column by column. The norm is taken
+one block of rows at a time (`column_norms_by_blocks`): the full-size
+`W + s*A@B` is never formed.
 
 PiSSA (Meng et al. 2024) starts `A`, `B` from the kernel's top-`rank`
 singular vectors, OLoRA (Büyükakyüz 2024) from its QR decomposition; the
@@ -35,25 +36,22 @@ def _numpy(value):
     return np.array(ops.convert_to_numpy(value))
 
 
-#: Rows of `W` per block when `factored_column_norms` sums its squares: at
-#: most this many values (4 MiB of float32). A full-size temporary costs
-#: more than the arithmetic on torch's CPU, which maps fresh memory for
-#: every tensor above 32 MiB (a 2048 x 6144 kernel is 48 MiB).
+#: Rows of `W` per block in `column_norms_by_blocks`: at most this many
+#: values (4 MiB of float32). A full-size temporary costs more than the
+#: arithmetic on torch's CPU, which maps fresh memory for every tensor above
+#: 32 MiB (a 2048 x 6144 kernel is 48 MiB).
 BLOCK_VALUES = 1 << 20
 
 
-def factored_column_norms(kernel, a, b, scaling):
+def column_norms_by_blocks(kernel, a, b, scaling):
     """The L2 norm of each column of `W + s*A@B` (over every axis but the
-    last; float32, differentiable) without forming `W + s*A@B`: column
-    `j`'s squared norm is
-
-        |W_j|^2 + 2 s B_j . (A^T W_j) + s^2 B_j . (A^T A) B_j.
-
-    `|W_j|^2` is summed over blocks of rows (`BLOCK_VALUES`) and `A^T W` is
-    a `(rank, columns)` product, so no full-size temporary exists in the
-    forward pass or the backward one. `kernel` has Keras' LoRA layout
-    (columns on the last axis), `a` the kernel's shape with the rank last,
-    `b` is `(rank, columns)`."""
+    last; float32, differentiable), formed and squared one block of rows
+    at a time (`BLOCK_VALUES`), so no full-size temporary exists in the
+    forward pass or the backward one. Forming each block keeps the norm
+    exact where the adapter nearly cancels a column (an expansion of
+    `|W_j + s*A B_j|^2` into separate terms would not). `kernel` has Keras'
+    LoRA layout (columns on the last axis), `a` the kernel's shape with the
+    rank last, `b` is `(rank, columns)`."""
     columns = kernel.shape[-1]
     rank = a.shape[-1]
     w = ops.reshape(kernel, (-1, columns))
@@ -62,23 +60,18 @@ def factored_column_norms(kernel, a, b, scaling):
     step = max(1, BLOCK_VALUES // columns)
     squares = 0.0
     for start in range(0, w.shape[0], step):
-        block = ops.cast(w[start : start + step], "float32")
+        block = ops.cast(w[start : start + step], "float32") + ops.matmul(
+            a[start : start + step], b
+        )
         squares = squares + ops.sum(ops.square(block), axis=0)
-    a_t = ops.transpose(a)
-    projected = ops.matmul(a_t, ops.cast(w, "float32"))  # A^T W
-    squared = (
-        squares
-        + 2.0 * ops.sum(b * projected, axis=0)
-        + ops.sum(b * ops.matmul(ops.matmul(a_t, a), b), axis=0)
-    )
     # The floor before the root keeps the gradient finite at a zero column.
-    return ops.sqrt(ops.maximum(squared, MIN_NORM * MIN_NORM))
+    return ops.sqrt(ops.maximum(squares, MIN_NORM * MIN_NORM))
 
 
 def dora_scale(magnitude, kernel, a, b, scaling):
     """`m / column_norm(W + s*A@B)`: what DoRA multiplies each column of the
-    adapted kernel's output by (`factored_column_norms`)."""
-    norms = factored_column_norms(kernel, a, b, scaling)
+    adapted kernel's output by (`column_norms_by_blocks`)."""
+    norms = column_norms_by_blocks(kernel, a, b, scaling)
     return ops.cast(magnitude, "float32") / norms
 
 

@@ -17,8 +17,10 @@ full fine-tuning.
    peak memory per arm in a process of its own.
 6. `--ablation`: LoRA ranks and targets against parameters and step time.
 7. Report: results.md (printed last), results.json, curves.png,
-   forgetting.png (and ablation.png); export of the best LoRA arm, merged,
-   to `--export-dir` for TensorFlow Serving.
+   forgetting.png (and ablation.png); one export to `--export-dir` for
+   TensorFlow Serving of the pre-trained model and every LoRA arm after
+   every chunk, as adapters chosen per request (`<arm>_after_<k>`,
+   `base`; the default: the best LoRA arm after the last chunk).
 
 Every step runs in a process of its own and is saved as it finishes: start
 a killed run again with the same arguments and it resumes.
@@ -40,6 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from iwslt import ablation  # noqa: E402
 from iwslt import costs  # noqa: E402
+from iwslt import increments  # noqa: E402
 from iwslt import jobs  # noqa: E402
 from iwslt import multiworker  # noqa: E402
 from iwslt import processes  # noqa: E402
@@ -110,7 +113,7 @@ def run(parser, args, split, fingerprint):
             lora_arms,
             key=lambda a: results["arms"][a]["val_perplexity"]["mean"],
         )
-        processes.run_in_child(jobs.export, args, best)
+        processes.run_in_child(increments.export, args, lora_arms, best)
         results["export"] = report.read_json(jobs.path(args, "export.json"))
     jobs.clean(args)
     print("\n" + report.write(results, args.output_dir))

@@ -88,7 +88,7 @@ def smoke_run(tmp_path_factory):
     --heldout-pairs) beat --smoke's."""
     root = tmp_path_factory.mktemp("smoke")
     (root / "examples").symlink_to(os.path.realpath(EXAMPLES))
-    arms = "full,lora,lora_bf16,frozen"
+    arms = "full,lora,lora_kernel,lora_bf16,frozen"
     more = ["--batch-size", "16", "--heldout-pairs", "30"]
     result = run(
         ["--smoke", "--arms", arms, *more],
@@ -168,13 +168,112 @@ def test_smoke_run_reports_every_field_for_every_arm(smoke_run):
     assert results["settings"]["batch_size"] == 16
     assert results["data"]["heldout"]["initial"] == 30
     check_report(
-        folders, result, results, ("full", "lora", "lora_bf16", "frozen"), 1
+        folders,
+        result,
+        results,
+        ("full", "lora", "lora_kernel", "lora_bf16", "frozen"),
+        1,
     )
     # Relative to the output folder; --data-dir came from IWSLT2017_DIR.
     recorded = results["settings"]
     assert recorded["output_dir"] == "."
     assert recorded["export_dir"] == os.path.join("..", "..", "saved_models")
     assert recorded["data_dir"].endswith(os.path.basename(iwslt_dir()))
+
+
+SERVE_EACH_ADAPTER = """
+import json, sys
+sys.modules["keras_rnn_lora"] = None  # importing it would fail here
+import tensorflow as tf
+import tensorflow_text  # registers the SentencePiece ops
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+texts, adapters = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+out = {}
+for name in adapters:  # each adapter alone, then all of them in one batch
+    got = serve(text=tf.constant(texts), adapter=tf.constant([name] * 2))
+    out[name] = [t.decode() for t in got["translation"].numpy()]
+mixed = serve(
+    text=tf.constant(texts * len(adapters)),
+    adapter=tf.constant([a for a in adapters for _ in texts]),
+)
+out["mixed"] = [t.decode() for t in mixed["translation"].numpy()]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_the_export_serves_every_lora_arm_after_every_chunk(smoke_run):
+    """One SavedModel holds the pre-trained model and every LoRA arm after
+    every chunk. A merging arm's stacked adapter computes what its merged
+    model computed, and the export, loaded in a process that imports only
+    tensorflow and tensorflow_text, translates as the Keras model does with
+    each adapter, alone and in one mixed batch."""
+    import types
+
+    import numpy as np
+    from iwslt import increments
+    from iwslt.arms import build_arm
+
+    import keras_rnn_lora
+    from keras_rnn_lora.translation import evaluation
+    from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
+
+    (out, export_root), _, results = smoke_run
+    arms = ["lora", "lora_kernel", "lora_bf16"]
+    names = [f"{arm}_after_{k}" for arm in arms for k in (1, 2)]
+    record = results["export"]
+    assert record["adapters"] == ["base", *names]
+    assert record["default_adapter"] == f"{record['arm']}_after_2"
+    args = types.SimpleNamespace(
+        output_dir=str(out), rank=results["settings"]["rank"], increments=2
+    )
+    served = increments.increments_model(args, arms)
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(3, 400, (4, 9)), rng.integers(3, 400, (4, 6))]
+    pretrained = str(out / "pretrained.keras")
+    logits = {
+        name: keras.ops.convert_to_numpy(
+            keras_rnn_lora.call_with_adapters(served, tokens, [name] * 4)
+        )
+        for name in ["base", *names]
+    }
+    for arm in ("lora", "lora_kernel"):
+        for k in (1, 2):
+            merged = build_arm(args, arm, pretrained)
+            merged.load_weights(
+                str(out / "seeds" / "0" / arm / f"after_chunk_{k}.weights.h5")
+            )
+            expected = keras.ops.convert_to_numpy(merged(tokens))
+            got = logits[f"{arm}_after_{k}"]
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+            assert np.abs(got - logits["base"]).max() > 1e-3
+    assert np.abs(logits["lora_after_2"] - logits["lora_after_1"]).max() > 1e-3
+
+    preprocessor = TranslationPreprocessor.load(str(out / "preprocessor"))
+    texts = ["We have to do something.", "Thank you very much."]
+    expected = {
+        name: evaluation.translate(served, preprocessor, texts, adapters=name)
+        for name in ["base", *names]
+    }
+    exported = out / record["path"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SERVE_EACH_ADAPTER,
+            str(exported),
+            json.dumps(texts),
+            json.dumps(["base", *names]),
+        ],
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.split("RESULT", 1)[1])
+    mixed = got.pop("mixed")
+    assert got == expected
+    assert mixed == [t for name in ["base", *names] for t in expected[name]]
 
 
 @pytest.mark.large

@@ -1,8 +1,8 @@
 """The units of work of the main job, each run in a fresh process
 (`processes.run_in_child`): pre-training, the learning-rate choice, an
-arm's incremental phase, the export. Every job writes its result as JSON
-under `--output-dir` and finds it there when the run is started again, so a
-killed run resumes where it stopped.
+arm's incremental phase (the export: increments.py). Every job writes its
+result as JSON under `--output-dir` and finds it there when the run is
+started again, so a killed run resumes where it stopped.
 """
 
 import contextlib
@@ -21,9 +21,8 @@ from iwslt.data import batches
 from iwslt.data import preprocessor as make_preprocessor
 from iwslt.evaluate import final_scores
 from iwslt.evaluate import forgetting_row
+from iwslt.increments import adapter_path
 from iwslt.paths import REPOSITORY
-from iwslt.paths import from_output
-from iwslt.paths import in_output
 from iwslt.settings import ARMS
 from iwslt.settings import GRID_EXTENSIONS
 from iwslt.settings import GRID_FACTOR
@@ -252,8 +251,12 @@ def run_arm(args, arm, seed_index):
         fit = _chunk_fit(args, arm, seed_index, chunk, rate, start)
         model = fit["model"]
         row = forgetting_row(args, model, fit["preprocessor"], fit["split"])
-        if "targets" in ARMS[arm] and "base_dtype" not in ARMS[arm]:
-            keras_rnn_lora.merge_lora(model, reset=True)
+        if "targets" in ARMS[arm]:  # the increment's adapter, served later
+            keras_rnn_lora.save_lora_weights(
+                model, adapter_path(directory, chunk)
+            )
+            if "base_dtype" not in ARMS[arm]:
+                keras_rnn_lora.merge_lora(model, reset=True)
         save_weights(model, after)
         record = {k: fit[k] for k in fit if k not in _LIVE}
         record["forgetting_row"] = row
@@ -322,55 +325,6 @@ def _frozen(args, directory, result_path):
                     "sentences",
                 )
             },
-        },
-    )
-
-
-# -- export -------------------------------------------------------------------
-
-
-def export(args, arm):
-    """Exports seed 0's final model of `arm` (merged when it was saved) for
-    TensorFlow Serving; a run started again exports only if that model, the
-    tokenizers or `--export-dir` changed, and otherwise names the version
-    it wrote."""
-    import hashlib
-
-    import keras
-
-    from keras_rnn_lora.translation.export import export_translator
-    from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
-
-    model_path = path(args, "seeds", "0", arm, "final.keras")
-    preprocessor_dir = path(args, "preprocessor")
-    digest = hashlib.sha256(arm.encode())
-    # Where the export goes is part of what is reused: a new --export-dir
-    # gets its own export. (Hashed: the record holds no absolute path.)
-    digest.update(os.path.realpath(args.export_dir).encode() + b"\0")
-    inputs = [
-        os.path.join(preprocessor_dir, name)
-        for name in sorted(os.listdir(preprocessor_dir))
-    ]
-    for name in [*inputs, model_path]:
-        with open(name, "rb") as file:
-            digest.update(file.read())
-    record_path = path(args, "export.json")
-    record = read_json(record_path)
-    if record and record["fingerprint"] == digest.hexdigest():
-        existing = in_output(args, record["path"])
-        if os.path.isdir(existing):
-            print(f"Reusing the export {existing} (nothing changed)")
-            return
-    model = keras.saving.load_model(model_path, compile=False)
-    preprocessor = TranslationPreprocessor.load(preprocessor_dir)
-    target = export_translator(model, preprocessor, args.export_dir)
-    print(f"Exported {arm} (merged) to {target}", flush=True)
-    write_json(
-        record_path,
-        {
-            "fingerprint": digest.hexdigest(),
-            "path": from_output(args, target),
-            "arm": arm,
         },
     )
 

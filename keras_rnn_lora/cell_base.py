@@ -177,8 +177,7 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
             # Keyed on the call's route: a call that failed inside Keras'
             # loop never reset the cache, and must not feed the next one.
             self._routed = {
-                t: self.routed_factors(t, route.names, route.ids)
-                for t in self.lora_targets
+                t: self.route_factors(t, route) for t in self.lora_targets
             }
             self._routed_route = route
         return super().get_dropout_mask(step_input)
@@ -197,7 +196,7 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         cached = getattr(self, "_routed", None)
         if cached and getattr(self, "_routed_route", None) is route:
             return cached[target]
-        return self.routed_factors(target, route.names, route.ids)
+        return self.route_factors(target, route)
 
     # -- the factored step ----------------------------------------------------
 

@@ -27,6 +27,8 @@ class Route:
     def __init__(self, names, ids):
         self.names = tuple(names)
         self.ids = ops.convert_to_tensor(ids, "int32")
+        # (id of a layer, target) -> its per-example factors (`prepare`).
+        self.factors = {}
 
 
 @contextlib.contextmanager
@@ -45,6 +47,25 @@ def current():
     return _ROUTE.get()
 
 
+def prepare(hosts):
+    """Gathers each example's factors of every layer of `hosts` (adapter
+    hosts) for the current route now, once, for the rest of the call.
+
+    A step loop (decoding) calls the model once per step; called before the
+    loop, the loop's body reads these instead of gathering every adapter's
+    factors at every step. The factors depend on the weights and the route
+    alone, and neither changes within one call. Without a route, nothing.
+    """
+    route = current()
+    if route is None:
+        return
+    for host in hosts:
+        for target in host.lora_targets:
+            route.factors[(id(host), target)] = host.routed_factors(
+                target, route.names, route.ids
+            )
+
+
 def name_key(name):
     """An int32 key of an adapter name (CRC-32, 31 bits)."""
     return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
@@ -59,6 +80,14 @@ def magnitude_name(a):
 class RoutedFactors:
     """Each example's factors in a mixed batch; part of
     `adapter_bank.AdapterBank`."""
+
+    def route_factors(self, target, route):
+        """`routed_factors` for `route`: those `prepare` gathered for it,
+        or gathered now."""
+        found = route.factors.get((id(self), target))
+        if found is not None:
+            return found
+        return self.routed_factors(target, route.names, route.ids)
 
     def routed_factors(self, target, names, ids):
         """Each example's `(A, B * s)` of `target` (`ids` indexes `names`,

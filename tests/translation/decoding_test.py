@@ -120,13 +120,13 @@ def test_a_mixed_batch_gathers_its_factors_once_per_decode(
     names = keras_rnn_lora.list_adapters(model)
     ids = keras_rnn_lora.named_adapters.adapter_ids(model, chosen)
     calls = []
-    gather = routing.RoutedFactors.routed_factors
+    gather = routing.RoutedFactors.factors_for_route
 
     def counted(self, *args):
         calls.append(id(self))
         return gather(self, *args)
 
-    monkeypatch.setattr(routing.RoutedFactors, "routed_factors", counted)
+    monkeypatch.setattr(routing.RoutedFactors, "factors_for_route", counted)
     with routing.routed(names, ids):
         mixed = to_numpy(decoding.greedy_decode(model, src, max_length))
     assert len(calls) == sum(len(h.lora_targets) for h in hosts)

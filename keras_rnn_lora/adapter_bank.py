@@ -16,11 +16,15 @@ active, from its bank variables otherwise, so a function traced before
 `set_adapter` routes by the new values, not by the Python state it was
 traced with.
 
-A mixed batch (`routing.py`) gives each example an adapter: the layer
-stacks every adapter's factors once per call (ranks padded to the largest,
-each `B` times its own scale), gathers each example's, and the step stays
-factored: `h@W + (h@A_b)@B_b` per example `b`, with DoRA's column scale
-gathered alike. An example routed to no adapter computes the base model.
+A mixed batch (`routing.py`) gives each example an adapter, and the step
+stays factored: `h@W + (h@A_b)@(s B_b)` per example `b`, with DoRA's column
+scale per example. A `Dense`-like layer gathers each example's factors once
+per call (ranks padded to the largest, each `B` times its own scale). A
+recurrent cell, which multiplies at every step, keeps every adapter's
+factors side by side, once per call (once per decoding, see
+`routing.prepare`), and masks each example's columns:
+`((h@A) * mask)@B`. An example routed to no adapter computes the base
+model.
 """
 
 import keras

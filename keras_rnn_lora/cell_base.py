@@ -67,6 +67,9 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
     """
 
     stock_class = None
+    # A mixed batch multiplies by the factors at every step: the masked
+    # form (see `routing.RoutedFactors`).
+    routed_form = "masked"
     gates = 1
     lora_noun = "cell"
 
@@ -177,8 +180,7 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
             # Keyed on the call's route: a call that failed inside Keras'
             # loop never reset the cache, and must not feed the next one.
             self._routed = {
-                t: self.routed_factors(t, route.names, route.ids)
-                for t in self.lora_targets
+                t: self.route_factors(t, route) for t in self.lora_targets
             }
             self._routed_route = route
         return super().get_dropout_mask(step_input)
@@ -197,7 +199,7 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
         cached = getattr(self, "_routed", None)
         if cached and getattr(self, "_routed_route", None) is route:
             return cached[target]
-        return self.routed_factors(target, route.names, route.ids)
+        return self.route_factors(target, route)
 
     # -- the factored step ----------------------------------------------------
 
@@ -240,22 +242,19 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
 
     def _project_routed(self, target, x, y, columns, route):
         """`y` plus each example's own adapter term (a mixed batch, see
-        `adapter_bank.py`): `(x_b @ A_b) @ (s B_b)`, DoRA-scaled per example;
-        `x` is one step `(batch, features)` or a sequence `(batch, time,
-        features)`."""
+        `adapter_bank.py`): `(x_b @ A_b) @ (s B_b)`, DoRA-scaled per example,
+        computed as `((x @ A) * mask) @ B` over every adapter's factors side
+        by side (`routing.RoutedFactors.masked_factors`); `x` is one step
+        `(batch, features)` or a sequence `(batch, time, features)`."""
         self.require_routable()
-        a, b, scale = self._call_routed(target, route)
+        a, b, mask, scale = self._call_routed(target, route)
         if columns is not None:
-            b = b[:, :, columns]
+            b = b[:, columns]
             scale = None if scale is None else scale[:, columns]
         sequence = len(x.shape) == 3
-        low = ops.einsum(
-            "bti,bir->btr" if sequence else "bi,bir->br",
-            ops.cast(x, "float32"),
-            a,
-        )
-        term = ops.einsum("btr,brc->btc" if sequence else "br,brc->bc", low, b)
-        y = y + ops.cast(term, y.dtype)
+        low = ops.matmul(ops.cast(x, "float32"), a)
+        low = low * (ops.expand_dims(mask, 1) if sequence else mask)
+        y = y + ops.cast(ops.matmul(low, b), y.dtype)
         if scale is None:
             return y
         if sequence:

@@ -153,7 +153,7 @@ class KerasLoRALayer(MergeableLoRA):
         if route is None:  # Keras' own call (none of the three uses training)
             return super().call(inputs)
         self.require_routable()
-        a, b, scale = self.routed_factors("kernel", route.names, route.ids)
+        a, b, scale = self.route_factors("kernel", route)
         return self.routed_call(inputs, a, b, scale)
 
     def routed_call(self, inputs, a, b, scale):

@@ -14,10 +14,12 @@ sentence, then its `decode_step` token by token.
 import keras
 from keras import ops
 
+from keras_rnn_lora import routing
 from keras_rnn_lora.checks import check_positive_int
 from keras_rnn_lora.translation.tokens import END_ID
 from keras_rnn_lora.translation.tokens import PAD_ID
 from keras_rnn_lora.translation.tokens import START_ID
+from keras_rnn_lora.walk import lora_adapters
 
 _NEG_INF = -1e9
 
@@ -151,6 +153,8 @@ def decode(model, encoder_tokens, beam_width=1, max_length=64):
     """
     check_positive_int("beam_width", beam_width)
     check_positive_int("max_length", max_length)
+    # Per-example adapters (a mixed batch): gathered once, not per step.
+    routing.prepare(lora_adapters(model).values())
     encoded = model.encode(encoder_tokens)
     batch_size = ops.shape(encoded["encoder_outputs"])[0]
 

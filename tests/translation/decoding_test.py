@@ -87,3 +87,54 @@ def test_search_is_generic_over_a_step_function():
     assert to_numpy(greedy)[0, 0] == 4
     assert to_numpy(beam)[0].tolist() == [5, tokens.END_ID, 0, 0]
     assert (to_numpy(beam_scores) > to_numpy(greedy_scores)).all()
+
+
+@pytest.mark.parametrize("max_length", [2, 6])
+def test_a_mixed_batch_gathers_its_factors_once_per_decode(
+    max_length, monkeypatch
+):
+    """Decoding a batch of per-example adapters gathers every layer's
+    factors once, before the step loop, whatever its length; each example
+    decodes as it does alone with its adapter."""
+    import keras_rnn_lora
+    from keras_rnn_lora import routing
+    from keras_rnn_lora.walk import lora_adapters
+
+    model = keras_rnn_lora.enable_lora(
+        tiny_translator(cell="gru", num_layers=2), rank=2
+    )
+    keras_rnn_lora.add_adapter(model, "news", rank=3)
+    rng = np.random.default_rng(3)
+    hosts = lora_adapters(model).values()
+    for host in hosts:
+        for name in ("default", "news"):
+            host.set_adapter_values(
+                name,
+                {
+                    f: rng.normal(size=s).astype("float32")
+                    for f, s in host.adapter_shapes(name).items()
+                },
+            )
+    src = rng.integers(4, SRC_VOCAB, (4, 7)).astype("int32")
+    chosen = ["news", "default", "base", "news"]
+    names = keras_rnn_lora.list_adapters(model)
+    ids = keras_rnn_lora.named_adapters.adapter_ids(model, chosen)
+    calls = []
+    gather = routing.RoutedFactors.factors_for_route
+
+    def counted(self, *args):
+        calls.append(id(self))
+        return gather(self, *args)
+
+    monkeypatch.setattr(routing.RoutedFactors, "factors_for_route", counted)
+    with routing.routed(names, ids):
+        mixed = to_numpy(decoding.greedy_decode(model, src, max_length))
+    assert len(calls) == sum(len(h.lora_targets) for h in hosts)
+    for row, name in enumerate(chosen):
+        with routing.routed(
+            names, [names.index(name) if name in names else -1]
+        ):
+            alone = to_numpy(
+                decoding.greedy_decode(model, src[row : row + 1], max_length)
+            )
+        np.testing.assert_array_equal(mixed[row], alone[0])

@@ -87,8 +87,8 @@ class RoutedFactors:
     batched matmuls. `masked_factors` keeps every adapter's factors side by
     side and masks each example's columns: a recurrent cell multiplies at
     every step, where two plain matmuls and a multiply cost a fraction of
-    two batched ones (on TensorFlow's CPU at batch 1, 0.01 against 0.1 ms
-    a step), for `sum of ranks` columns instead of one rank's.
+    two batched ones (a few operations a step, see docs/performance.md),
+    for `sum of ranks` columns instead of one rank's.
     """
 
     #: The form `factors_for_route` gives: "gathered" or "masked".

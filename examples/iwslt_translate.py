@@ -20,7 +20,8 @@ full fine-tuning.
    forgetting.png (and ablation.png); one export to `--export-dir` for
    TensorFlow Serving of the pre-trained model and every LoRA arm after
    every chunk, as adapters chosen per request (`<arm>_after_<k>`,
-   `base`; the default: the best LoRA arm after the last chunk).
+   `base`; the default: the best LoRA arm after the last chunk, among
+   those not on a bfloat16 base if any).
 
 Every step runs in a process of its own and is saved as it finishes: start
 a killed run again with the same arguments and it resumes.
@@ -109,8 +110,11 @@ def run(parser, args, split, fingerprint):
     results["data_fingerprint"] = fingerprint
     lora_arms = [a for a in learning if "targets" in settings.ARMS[a]]
     if lora_arms:
+        # The default adapter: the best arm whose served model is the one it
+        # evaluated (a bfloat16 base is served in float32), if any.
+        exact = [a for a in lora_arms if "base_dtype" not in settings.ARMS[a]]
         best = min(
-            lora_arms,
+            exact or lora_arms,
             key=lambda a: results["arms"][a]["val_perplexity"]["mean"],
         )
         processes.run_in_child(increments.export, args, lora_arms, best)

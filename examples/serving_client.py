@@ -7,12 +7,14 @@ REST (default): `POST <server>/v1/models/<name>:predict` with
 adapters=...)`) for adapter NAME: every instance then carries it
 (`{"text": ..., "adapter": NAME}`; over gRPC an `adapter` input beside
 `text`); `""` is the export's default adapter, `"base"` none.
-Takes a second; needs a server started as in the README, e.g.
+The main job's export serves several adapters: pass `--adapter` (`""`
+for its default). Takes a second; needs a server started as in
+docs/translation.md, e.g.
 
     tensorflow_model_server --rest_api_port=8501 --model_name=iwslt_en_de \\
         --model_base_path="$PWD/saved_models/iwslt_en_de"
-    python examples/serving_client.py "Thank you so much, Chris."
-    python examples/serving_client.py --adapter news "Thank you."
+    python examples/serving_client.py --adapter "" "Thank you so much, Chris."
+    python examples/serving_client.py --adapter lora_after_1 "Thank you."
 """
 
 import argparse

@@ -223,6 +223,11 @@ def test_the_export_serves_every_lora_arm_after_every_chunk(smoke_run):
     record = results["export"]
     assert record["adapters"] == ["base", *names]
     assert record["default_adapter"] == f"{record['arm']}_after_2"
+    # The default is an arm whose served model is the one it evaluated.
+    assert record["arm"] in ("lora", "lora_kernel")
+    report = (out / "results.md").read_text()
+    assert f"Export: {record['path']} " in report
+    assert ", ".join(record["adapters"]) in report
     args = types.SimpleNamespace(
         output_dir=str(out), rank=results["settings"]["rank"], increments=2
     )

@@ -8,7 +8,7 @@ pre-trained base plus the sum of k factored updates: one adapter of rank
 adapter learning every chunk: its adapter after chunk k is that update
 already (served over the float32 base, like its merged export). The export
 serves `<arm>_after_<k>` for each, and `base`; requests that name none get
-the best arm after the last chunk.
+the arm `export` is given, after the last chunk.
 """
 
 import hashlib
@@ -51,10 +51,13 @@ def increments_model(args, arms):
 
     pretrained = os.path.join(args.output_dir, "pretrained.keras")
     targets = sorted({t for arm in arms for t in ARMS[arm]["targets"]})
+    # The conversion's own adapter stays zero and is not served: rank 1,
+    # since a mixed batch computes with every adapter's columns.
     served = keras_rnn_lora.enable_lora(
         keras.saving.load_model(pretrained, compile=False),
-        rank=args.rank,
+        rank=1,
         lora_targets=targets,
+        adapter_name="unserved",
     )
     hosts = lora_adapters(served)
     for arm in arms:

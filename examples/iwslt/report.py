@@ -386,6 +386,15 @@ def _limits(results):
         "incremental phase over one pre-trained base; learning rates chosen "
         "on the first chunk of seed 0 and reused for later chunks and seeds.",
     ]
+    export = results.get("export")
+    if export and "adapters" in export:
+        lines += [
+            "",
+            f"Export: {export['path']} (relative to this folder), one "
+            "SavedModel serving per request the adapters "
+            f"{', '.join(export['adapters'])}; a request naming none gets "
+            f"{export['default_adapter']}.",
+        ]
     run = results.get("provenance")
     if run:
         device = run["device"]

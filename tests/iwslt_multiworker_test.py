@@ -119,6 +119,7 @@ def test_jax_batches_must_split_evenly(capsys, monkeypatch):
 
 def test_without_the_flag_nothing_joins_a_cluster(capsys, monkeypatch):
     """No check, no strategy, batches as they were: the one-worker path."""
+    from iwslt import increments
     from iwslt import jobs
     from iwslt import multiworker
 
@@ -129,7 +130,7 @@ def test_without_the_flag_nothing_joins_a_cluster(capsys, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{")  # never read
     assert check(capsys) is None
     _, args = parse()
-    for job in (jobs.pretrain, jobs.run_arm, jobs.export):
+    for job in (jobs.pretrain, jobs.run_arm, increments.export):
         with multiworker.joined(job, (args, "lora", 0)):
             pass
     dataset = object()
@@ -138,6 +139,7 @@ def test_without_the_flag_nothing_joins_a_cluster(capsys, monkeypatch):
 
 def test_only_training_jobs_join_the_cluster(monkeypatch):
     from iwslt import costs
+    from iwslt import increments
     from iwslt import jobs
     from iwslt import multiworker
 
@@ -150,7 +152,7 @@ def test_only_training_jobs_join_the_cluster(monkeypatch):
     monkeypatch.setattr(keras_rnn_lora, "multi_worker_strategy", Strategy)
     monkeypatch.setattr(multiworker, "_agree", lambda s, d: joined.append(d))
     _, args = parse("--multi-worker")
-    for job in (jobs.export, costs.memory_probe, costs.step_timing):
+    for job in (increments.export, costs.memory_probe, costs.step_timing):
         with multiworker.joined(job, (args, "lora")):
             pass
     assert joined == []

@@ -22,7 +22,7 @@ scale per example. A `Dense`-like layer gathers each example's factors once
 per call (ranks padded to the largest, each `B` times its own scale). A
 recurrent cell, which multiplies at every step, keeps every adapter's
 factors side by side, once per call (once per decoding, see
-`routing.prepare`), and masks each example's columns:
+`routing.prepared`), and masks each example's columns:
 `((h@A) * mask)@B`. An example routed to no adapter computes the base
 model.
 """

@@ -178,7 +178,10 @@ class LoRACellBase(LoRADropoutMixin, MergeableLoRA):
             and getattr(self, "_routed_route", None) is not route
         ):
             # Keyed on the call's route: a call that failed inside Keras'
-            # loop never reset the cache, and must not feed the next one.
+            # loop leaves the cache set, and the next call reads it only if
+            # it runs in the same route. Every public entry point opens a
+            # route per call, so only code holding one `routing.routed`
+            # block across a failed call and a change of weights could.
             self._routed = {
                 t: self.route_factors(t, route) for t in self.lora_targets
             }

@@ -28,7 +28,7 @@ class Route:
     def __init__(self, names, ids):
         self.names = tuple(names)
         self.ids = ops.convert_to_tensor(ids, "int32")
-        # (id of a layer, target) -> its per-example factors (`prepare`).
+        # (id of a layer, target) -> its per-example factors (`prepared`).
         self.factors = {}
 
 
@@ -48,23 +48,33 @@ def current():
     return _ROUTE.get()
 
 
-def prepare(hosts):
-    """Gathers each example's factors of every layer of `hosts` (adapter
-    hosts) for the current route now, once, for the rest of the call.
+@contextlib.contextmanager
+def prepared(hosts):
+    """Within the block, the layers of `hosts` (adapter hosts) read each
+    example's factors for the current route gathered once, on entry.
 
-    A step loop (decoding) calls the model once per step; called before the
-    loop, the loop's body reads these instead of gathering every adapter's
-    factors at every step. The factors depend on the weights and the route
-    alone, and neither changes within one call. Without a route, nothing.
+    A step loop (decoding) calls the model once per step; entered before
+    the loop, the loop's body reads these instead of gathering every
+    adapter's factors at every step. The factors depend on the weights and
+    the route alone, and neither may change within the block; on exit they
+    are dropped, so weights set after it are read afresh. Without a route,
+    nothing.
     """
     route = current()
-    if route is None:
-        return
-    for host in hosts:
-        for target in host.lora_targets:
-            route.factors[(id(host), target)] = host.factors_for_route(
-                target, route.names, route.ids
-            )
+    keys = []
+    try:
+        if route is not None:
+            for host in hosts:
+                for target in host.lora_targets:
+                    key = (id(host), target)
+                    route.factors[key] = host.factors_for_route(
+                        target, route.names, route.ids
+                    )
+                    keys.append(key)
+        yield
+    finally:
+        for key in keys:
+            route.factors.pop(key, None)
 
 
 def name_key(name):
@@ -95,8 +105,8 @@ class RoutedFactors:
     routed_form = "gathered"
 
     def route_factors(self, target, route):
-        """`factors_for_route` for `route`: those `prepare` computed for
-        it, or computed now."""
+        """`factors_for_route` for `route`: those `prepared` gathered for
+        it, or gathered now."""
         found = route.factors.get((id(self), target))
         if found is not None:
             return found

@@ -3,19 +3,20 @@
 import importlib.util
 import json
 import os
-import pathlib
 import re
-import signal
+import shutil
 import subprocess
 import sys
-import time
 
 import keras
 import pytest
 from conftest import iwslt_dir
+from main_job import EXAMPLES
+from main_job import SCRIPT
+from main_job import only_relative_paths
+from main_job import run
+from main_job import smoke_args
 
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
-SCRIPT = os.path.join(EXAMPLES, "iwslt_translate.py")
 ARM_FIELDS = {
     "about",
     "learning_rate",
@@ -39,46 +40,6 @@ ARM_FIELDS = {
 }
 
 
-def environment():
-    """A new user's environment: this process' Keras set TensorFlow's log
-    level on import, a shell would not have it."""
-    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    return env
-
-
-# A smoke run is about two minutes on an idle 2-core CPU; on JAX every job
-# (a fresh process) compiles again, and a loaded machine is several times
-# slower. The limit only catches a hung run.
-RUN_TIMEOUT = 1800
-
-
-def run(args, timeout=RUN_TIMEOUT, cwd=None, script=SCRIPT, env=None):
-    return subprocess.run(
-        [sys.executable, script, *args],
-        env={**environment(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
-
-
-def smoke_args(root, arms, *more):
-    return [
-        "--smoke",
-        "--data-dir",
-        os.path.abspath(iwslt_dir()),
-        "--output-dir",
-        str(root / "run"),
-        "--export-dir",
-        str(root / "export"),
-        "--arms",
-        arms,
-        *more,
-    ]
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """One smoke run shared by the tests below, started as the README says
@@ -100,18 +61,6 @@ def smoke_run(tmp_path_factory):
     out = root / "runs" / "iwslt_translate"
     results = json.loads((out / "results.json").read_text())
     return (out, root / "saved_models"), result, results
-
-
-def only_relative_paths(results, *roots):
-    """results.json names no path of the machine it ran on."""
-    text = json.dumps(results)
-    repository = os.path.realpath(os.path.join(EXAMPLES, ".."))
-    for root in (*roots, repository, os.path.abspath(iwslt_dir())):
-        assert str(root) not in text, root
-    settings = results["settings"]
-    for key in ("output_dir", "export_dir", "data_dir"):
-        assert not os.path.isabs(settings[key]), (key, settings[key])
-    assert not os.path.isabs(results["export"]["path"])
 
 
 def check_report(folders, result, results, arms, seeds):
@@ -281,6 +230,83 @@ def test_the_export_serves_every_lora_arm_after_every_chunk(smoke_run):
     assert mixed == [t for name in ["base", *names] for t in expected[name]]
 
 
+def arm_copy(smoke_run, tmp_path, arm):
+    """The pre-trained model and `arm`'s seed-0 files of the smoke run,
+    copied under `tmp_path`, and the arguments that read them."""
+    import types
+
+    (out, _), _, results = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(out / "seeds" / "0" / arm, copy / "seeds" / "0" / arm)
+    shutil.copy(out / "pretrained.keras", copy / "pretrained.keras")
+    args = types.SimpleNamespace(
+        output_dir=str(copy), rank=results["settings"]["rank"], increments=2
+    )
+    return args, copy / "seeds" / "0" / arm
+
+
+def test_the_export_refuses_an_unmerged_arms_chunks_swapped(
+    smoke_run, tmp_path
+):
+    """`lora_bf16` learns every chunk over the same base, so its adapter
+    files all load; each must be the adapter its state after that chunk
+    holds."""
+    from iwslt import increments
+
+    args, arm_dir = arm_copy(smoke_run, tmp_path, "lora_bf16")
+    one = arm_dir / "chunk_1.lora.weights.h5"
+    two = arm_dir / "chunk_2.lora.weights.h5"
+    one.rename(arm_dir / "swap")
+    two.rename(one)
+    (arm_dir / "swap").rename(two)
+    with pytest.raises(ValueError, match="chunk_1.lora.weights.h5 is not the"):
+        increments.increments_model(args, ["lora_bf16"])
+
+
+def test_the_export_names_a_missing_file_of_an_arm(smoke_run, tmp_path):
+    from iwslt import increments
+
+    args, arm_dir = arm_copy(smoke_run, tmp_path, "lora")
+    (arm_dir / "after_chunk_2.weights.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="after_chunk_2.weights.h5 is"):
+        increments.increments_model(args, ["lora"])
+    (arm_dir.parents[2] / "pretrained.keras").unlink()
+    with pytest.raises(FileNotFoundError, match="pretrained.keras is missing"):
+        increments.increments_model(args, ["lora"])
+
+
+def test_a_started_again_run_reuses_only_a_complete_export(
+    smoke_run, monkeypatch, capsys
+):
+    """Nothing changed and the SavedModel is there: reused. Its folder
+    without `saved_model.pb` (a removed or half-copied export): exported
+    again."""
+    import types
+
+    from iwslt import increments
+
+    (out, export_root), _, results = smoke_run
+    record = results["export"]
+    args = types.SimpleNamespace(
+        output_dir=str(out), export_dir=str(export_root), increments=2
+    )
+    arms = ["lora", "lora_kernel", "lora_bf16"]
+
+    def exported_again(*_):
+        raise RuntimeError("exported again")
+
+    monkeypatch.setattr(increments, "increments_model", exported_again)
+    increments.export(args, arms, record["arm"])
+    assert "Reusing the export" in capsys.readouterr().out
+    graph = out / record["path"] / "saved_model.pb"
+    graph.rename(graph.with_suffix(".aside"))
+    try:
+        with pytest.raises(RuntimeError, match="exported again"):
+            increments.export(args, arms, record["arm"])
+    finally:
+        graph.with_suffix(".aside").rename(graph)
+
+
 @pytest.mark.large
 def test_every_arm_two_seeds_and_the_ablation(tmp_path):
     """The whole protocol at smoke size: about 10 minutes on 2 CPU cores."""
@@ -323,6 +349,11 @@ def test_console_shows_progress_not_noise(smoke_run):
         assert noise not in console, noise
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the variants' own tests run on every backend; this is the "
+    "script's bookkeeping over a finished run",
+)
 def test_the_variants_check_learns_the_first_chunk_of_a_finished_run(
     smoke_run, tmp_path
 ):
@@ -361,233 +392,6 @@ def test_the_variants_check_learns_the_first_chunk_of_a_finished_run(
     other = run([*own, "--smoke"], cwd=root, script=script, env=env)
     assert other.returncode == 2
     assert "holds a run with other settings, data or code" in other.stderr
-
-
-def start(args, cwd=None):
-    """The main job in its own process group, so a kill reaches its jobs."""
-    return subprocess.Popen(
-        [sys.executable, SCRIPT, *args],
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        cwd=cwd,
-    )
-
-
-def kill_after_epoch(args, epochs_file, timeout=RUN_TIMEOUT, cwd=None):
-    """Starts the main job and SIGKILLs it (and its jobs) as soon as
-    `epochs_file` records a finished epoch."""
-    process = start(args, cwd)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if epochs_file.exists() and json.loads(epochs_file.read_text()).get(
-                "seconds"
-            ):
-                os.killpg(process.pid, signal.SIGKILL)
-                break
-            if process.poll() is not None:
-                pytest.fail(
-                    f"finished before the kill:\n{process.stdout.read()}"
-                )
-            time.sleep(0.05)
-        else:
-            pytest.fail("no epoch finished in time")
-    finally:
-        output = process.communicate()[0]
-    assert process.returncode == -signal.SIGKILL
-    return output
-
-
-def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
-    # Started from a folder that is not the repository, with a relative
-    # --output-dir (run) and --export-dir (export).
-    out = tmp_path / "run"
-    args = smoke_args(
-        pathlib.Path(), "lora", "--update-epochs", "2", "--increments", "1"
-    )
-    # Killed during pre-training: it picks up after its finished epoch.
-    killed = kill_after_epoch(
-        args, out / "pretrain" / "epochs.json", cwd=tmp_path
-    )
-    assert "Epoch 1/2" in killed and not (out / "pretrained.keras").exists()
-    # Killed during an arm's fit (a learning-rate trial on the first chunk).
-    trial = out / "learning_rates" / "lora"
-    process = start(args, tmp_path)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    killed_trial = None
-    while killed_trial is None and time.monotonic() < deadline:
-        for epochs in trial.glob("*/epochs.json") if trial.exists() else []:
-            if json.loads(epochs.read_text()).get("seconds"):
-                os.killpg(process.pid, signal.SIGKILL)
-                killed_trial = epochs.parent
-        time.sleep(0.05)
-    resumed_output = process.communicate()[0]
-    assert killed_trial is not None, resumed_output[-3000:]
-    assert "Epoch 2/2" in resumed_output.split("== lora")[0]  # pre-training
-    resumed = run(args, cwd=tmp_path)
-    assert resumed.returncode == 0, (
-        resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    )
-    results = json.loads((out / "results.json").read_text())
-    for record in (
-        results["pretrained"],
-        json.loads((killed_trial / "fit.json").read_text()),
-    ):
-        # Every epoch's time, the killed process' ones included.
-        assert record["resumed"] and len(record["epoch_seconds"]) == 2
-        assert all(s > 0 for s in record["epoch_seconds"])
-        assert record["train_seconds"] == pytest.approx(
-            sum(record["epoch_seconds"])
-        )
-    assert results["arms"]["lora"]["train_seconds"]["mean"] > 0
-    assert (out / "results.md").exists()
-    assert results["export"]["path"] == os.path.join(
-        "..", "export", "iwslt_en_de", "1"
-    )
-    only_relative_paths(results, tmp_path)
-    # A finished run started again reuses everything, the export too.
-    again = run(args, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "== " not in again.stdout.split("# IWSLT")[0]
-    assert "Reusing the export" in again.stdout
-    assert os.listdir(tmp_path / "export" / "iwslt_en_de") == ["1"]
-    # What a setting outside the run key changes is done again: the export
-    # to a new --export-dir, the timing with other --timing-rounds.
-    changed = run(
-        [*args, "--export-dir", "export2", "--timing-rounds", "3"],
-        cwd=tmp_path,
-    )
-    assert changed.returncode == 0, changed.stderr[-3000:]
-    assert "Reusing the export" not in changed.stdout
-    assert os.listdir(tmp_path / "export2" / "iwslt_en_de") == ["1"]
-    results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["timing_rounds"] == 3
-    assert results["timing"]["rounds"] == 3
-    assert results["arms"]["lora"]["step_seconds"]["n"] == 3
-    assert results["export"]["path"] == os.path.join(
-        "..", "export2", "iwslt_en_de", "1"
-    )
-
-
-def test_a_backup_cut_off_mid_write_leaves_the_previous_one(tmp_path):
-    # Keras' own BackupAndRestore writes in place: a kill mid-write left a
-    # truncated checkpoint that the resumed run failed to load.
-    import numpy as np
-    from iwslt.arms import atomic_backup
-
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer="sgd", loss="mse")
-    x, y = np.ones((4, 2)), np.ones((4, 1))
-    backup = tmp_path / "latest.weights.h5"
-
-    def fit(epochs):
-        callback = atomic_backup(str(tmp_path))
-        model.fit(x, y, epochs=epochs, callbacks=[callback], verbose=0)
-
-    fit(1)
-    before = backup.read_bytes()
-
-    def cut_off(path, *args, **kwargs):
-        with open(path, "wb") as file:
-            file.write(before[:96])  # the start of an HDF5 file
-        raise RuntimeError("killed mid-write")
-
-    model.save_weights = cut_off
-    with pytest.raises(RuntimeError, match="killed mid-write"):
-        fit(2)
-    del model.save_weights
-    assert backup.read_bytes() == before
-    fit(2)  # resumes from the intact checkpoint
-    assert json.loads((tmp_path / "training_metadata.json").read_text()) == {
-        "epoch": 2,
-        "batch": 0,
-    }
-
-
-def _children(pid):
-    """The live processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as file:
-                fields = file.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
-def _is_job(pid):
-    """A process multiprocessing spawned to run a job (not its resource
-    tracker, which ends with its parent by design)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            command = file.read().decode(errors="replace")
-    except OSError:
-        return False
-    return "spawn_main" in command and _alive(pid)
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
-def test_a_job_ends_with_its_killed_parent(tmp_path):
-    # Only the main process is killed (not its process group): its running
-    # job must not go on writing into the run folder a resumed run uses.
-    # Its output goes to a file: a closed pipe would end the job anyway.
-    log = open(tmp_path / "log.txt", "w")
-    process = subprocess.Popen(
-        [sys.executable, SCRIPT]
-        + smoke_args(
-            tmp_path, "lora", "--pretrain-epochs", "100", "--patience", "100"
-        ),
-        env=environment(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    children = []
-    while not children and time.monotonic() < deadline:
-        assert process.poll() is None, (tmp_path / "log.txt").read_text()
-        children = [c for c in _children(process.pid) if _is_job(c)]
-        time.sleep(0.2)
-    assert children, "the main job started no job"
-    time.sleep(3)  # the job is under way
-    process.kill()
-    process.wait()
-    log.close()
-    deadline = time.monotonic() + 5  # it checks on its parent twice a second
-    while any(map(_alive, children)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [c for c in children if _alive(c)]
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, "a job outlived the killed main process"
-
-
-def test_two_runs_never_share_an_output_folder(tmp_path):
-    from iwslt import processes
-
-    out = tmp_path / "run"
-    out.mkdir()
-    with processes.run_lock(str(out)):
-        second = run(smoke_args(tmp_path, "lora"), timeout=300)
-    assert second.returncode != 0
-    assert "is in use by another run" in second.stderr
-    assert not (out / "pretrain").exists()
 
 
 def load_main():

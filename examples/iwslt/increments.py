@@ -6,9 +6,10 @@ base merged with chunks 1..k-1, so after chunk k its model is the
 pre-trained base plus the sum of k factored updates: one adapter of rank
 `k * r` (`keras_rnn_lora.add_stacked_adapter`). `lora_bf16` keeps one
 adapter learning every chunk: its adapter after chunk k is that update
-already (served over the float32 base, like its merged export). The export
-serves `<arm>_after_<k>` for each, and `base`; requests that name none get
-the arm `export` is given, after the last chunk.
+already (served over the float32 base, like its merged export), and is
+checked against the arm's saved state after chunk k. The export serves
+`<arm>_after_<k>` for each, and `base`; requests that name none get the arm
+`export` is given, after the last chunk.
 """
 
 import hashlib
@@ -28,12 +29,33 @@ def adapter_path(directory, chunk):
     return os.path.join(directory, f"chunk_{chunk}.lora.weights.h5")
 
 
+def state_path(directory, chunk):
+    """The arm's weights after `chunk` (merged, for an arm that merges)."""
+    return os.path.join(directory, f"after_chunk_{chunk}.weights.h5")
+
+
 def served_name(arm, chunk):
     return f"{arm}_after_{chunk}"
 
 
 def _arm_dir(args, arm):
     return os.path.join(args.output_dir, "seeds", "0", arm)
+
+
+def _arm_files(args, arm):
+    """Every file the export reads of `arm`, in order: each chunk's
+    adapter and the arm's state after it; a missing one is named."""
+    directory = _arm_dir(args, arm)
+    files = []
+    for chunk in range(1, args.increments + 1):
+        files += [adapter_path(directory, chunk), state_path(directory, chunk)]
+    for name in files:
+        if not os.path.isfile(name):
+            raise FileNotFoundError(
+                f"{name} is missing: arm {arm!r} has not finished every chunk "
+                f"in {args.output_dir} (run the main job to its end first)."
+            )
+    return files
 
 
 def increments_model(args, arms):
@@ -43,13 +65,24 @@ def increments_model(args, arms):
     Each arm's chunks are read back in the order they were learned: the
     adapter of chunk k loads (strictly: its file records the frozen base it
     was trained on) into the arm's model restored as it stood before chunk
-    k, so an adapter file that does not belong to that chain is refused."""
+    k, so an adapter file that does not belong to that chain is refused.
+    An arm that does not merge trains every chunk over the same base, so
+    its adapter of chunk k must also be the one its saved state after
+    chunk k holds."""
     import keras
+    import numpy as np
 
     import keras_rnn_lora
+    import keras_rnn_lora.translation  # noqa: F401  (registers the Translator)
     from keras_rnn_lora.walk import lora_adapters
 
     pretrained = os.path.join(args.output_dir, "pretrained.keras")
+    if not os.path.isfile(pretrained):
+        raise FileNotFoundError(
+            f"{pretrained} is missing: run the main job to its end first."
+        )
+    for arm in arms:
+        _arm_files(args, arm)
     targets = sorted({t for arm in arms for t in ARMS[arm]["targets"]})
     # The conversion's own adapter stays zero and is not served: rank 1,
     # since a mixed batch computes with every adapter's columns.
@@ -69,20 +102,36 @@ def increments_model(args, arms):
                 f"served model {sorted(hosts)}: they cannot share one export."
             )
         merges = "base_dtype" not in ARMS[arm]
+        directory = _arm_dir(args, arm)
         learned = []
         for chunk in range(1, args.increments + 1):
             if chunk > 1:  # the base chunk k learned on
-                before = f"after_chunk_{chunk - 1}.weights.h5"
-                replay.load_weights(os.path.join(_arm_dir(args, arm), before))
-            keras_rnn_lora.load_lora_weights(
-                replay, adapter_path(_arm_dir(args, arm), chunk)
-            )
+                replay.load_weights(state_path(directory, chunk - 1))
+            adapter_file = adapter_path(directory, chunk)
+            keras_rnn_lora.load_lora_weights(replay, adapter_file)
+            values = {
+                layer: host.adapter_values(host.active_adapter)
+                for layer, host in replay_hosts.items()
+            }
+            if not merges:
+                state = state_path(directory, chunk)
+                replay.load_weights(state)
+                for layer, host in replay_hosts.items():
+                    saved = host.adapter_values(host.active_adapter)
+                    if any(
+                        not np.array_equal(saved[f], values[layer][f])
+                        for f in saved
+                    ):
+                        raise ValueError(
+                            f"{adapter_file} is not the adapter arm {arm!r} "
+                            f"held after chunk {chunk} ({state} differs in "
+                            f"layer {layer!r}): the arm's files are mixed "
+                            f"up. Delete {directory} to train the arm again."
+                        )
             name = f"{arm}_chunk_{chunk}" if merges else served_name(arm, chunk)
             for layer, host in replay_hosts.items():
                 hosts[layer].add_banked_adapter(
-                    name,
-                    host.lora_config,
-                    host.adapter_values(host.active_adapter),
+                    name, host.lora_config, values[layer]
                 )
             learned.append(name)
         if merges:
@@ -100,8 +149,9 @@ def export(args, arms, default_arm):
     every chunk (seed 0; see module) as one SavedModel for TensorFlow
     Serving, `default_arm` after the last chunk answering requests that
     name no adapter. A run started again exports only if the pre-trained
-    model, an adapter, the tokenizers, the arms or `--export-dir` changed,
-    and otherwise names the version it wrote."""
+    model, an arm's adapters or saved states, the tokenizers, the arms or
+    `--export-dir` changed, or the SavedModel it wrote is gone, and
+    otherwise names the version it wrote."""
     from keras_rnn_lora.translation.export import export_translator
     from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
 
@@ -122,8 +172,7 @@ def export(args, arms, default_arm):
     ]
     inputs.append(os.path.join(args.output_dir, "pretrained.keras"))
     for arm in arms:
-        for chunk in range(1, args.increments + 1):
-            inputs.append(adapter_path(_arm_dir(args, arm), chunk))
+        inputs += _arm_files(args, arm)
     for name in inputs:
         with open(name, "rb") as file:
             digest.update(file.read())
@@ -131,7 +180,7 @@ def export(args, arms, default_arm):
     record = read_json(record_path)
     if record and record["fingerprint"] == digest.hexdigest():
         existing = in_output(args, record["path"])
-        if os.path.isdir(existing):
+        if os.path.isfile(os.path.join(existing, "saved_model.pb")):
             print(f"Reusing the export {existing} (nothing changed)")
             return
     model = increments_model(args, arms)

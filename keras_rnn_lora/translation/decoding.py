@@ -154,7 +154,12 @@ def decode(model, encoder_tokens, beam_width=1, max_length=64):
     check_positive_int("beam_width", beam_width)
     check_positive_int("max_length", max_length)
     # Per-example adapters (a mixed batch): gathered once, not per step.
-    routing.prepare(lora_adapters(model).values())
+    with routing.prepared(lora_adapters(model).values()):
+        return _decode(model, encoder_tokens, beam_width, max_length)
+
+
+def _decode(model, encoder_tokens, beam_width, max_length):
+    """`decode` within the gathered factors of a route, if any."""
     encoded = model.encode(encoder_tokens)
     batch_size = ops.shape(encoded["encoder_outputs"])[0]
 

@@ -138,3 +138,40 @@ def test_a_mixed_batch_gathers_its_factors_once_per_decode(
                 decoding.greedy_decode(model, src[row : row + 1], max_length)
             )
         np.testing.assert_array_equal(mixed[row], alone[0])
+
+
+def test_factors_gathered_for_a_decode_are_dropped_after_it():
+    """The factors gathered for one decode are not read by the next one in
+    the same route: weights changed between them are used."""
+    import keras_rnn_lora
+    from keras_rnn_lora import routing
+    from keras_rnn_lora.walk import lora_adapters
+
+    model = keras_rnn_lora.enable_lora(tiny_translator(cell="gru"), rank=2)
+    keras_rnn_lora.add_adapter(model, "news", rank=2)
+    hosts = list(lora_adapters(model).values())
+    rng = np.random.default_rng(5)
+
+    def set_random_factors():
+        for host in hosts:
+            host.set_adapter_values(
+                "news",
+                {
+                    f: rng.normal(size=s).astype("float32")
+                    for f, s in host.adapter_shapes("news").items()
+                },
+            )
+
+    src = rng.integers(4, SRC_VOCAB, (2, 5)).astype("int32")
+    names = keras_rnn_lora.list_adapters(model)
+    ids = [names.index("news")] * 2
+    set_random_factors()
+    with routing.routed(names, ids):
+        _, before = decoding.greedy_decode(model, src, 4, return_scores=True)
+        assert routing.current().factors == {}
+        set_random_factors()
+        _, after = decoding.greedy_decode(model, src, 4, return_scores=True)
+    with routing.routed(names, ids):
+        _, fresh = decoding.greedy_decode(model, src, 4, return_scores=True)
+    np.testing.assert_allclose(to_numpy(after), to_numpy(fresh), rtol=1e-5)
+    assert not np.allclose(to_numpy(before), to_numpy(after))

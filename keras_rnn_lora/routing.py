@@ -56,25 +56,37 @@ def prepared(hosts):
     A step loop (decoding) calls the model once per step; entered before
     the loop, the loop's body reads these instead of gathering every
     adapter's factors at every step. The factors depend on the weights and
-    the route alone, and neither may change within the block; on exit they
-    are dropped, so weights set after it are read afresh. Without a route,
-    nothing.
+    the route alone, and neither may change within the block. On exit they
+    are dropped (an enclosing block's are put back), and so is what the
+    cells cache for one call, so that whatever runs next in the route reads
+    the weights afresh. Without a route, nothing.
     """
     route = current()
-    keys = []
+    hosts = list(hosts)
+    previous = {}
     try:
         if route is not None:
             for host in hosts:
                 for target in host.lora_targets:
                     key = (id(host), target)
+                    if key in route.factors:
+                        previous[key] = route.factors[key]
                     route.factors[key] = host.factors_for_route(
                         target, route.names, route.ids
                     )
-                    keys.append(key)
         yield
     finally:
-        for key in keys:
-            route.factors.pop(key, None)
+        if route is not None:
+            for host in hosts:
+                for target in host.lora_targets:
+                    route.factors.pop((id(host), target), None)
+            route.factors.update(previous)
+            for host in hosts:
+                # A cell's per-call cache: Keras resets it after its loop,
+                # not when the call failed inside it.
+                reset = getattr(host, "reset_dropout_mask", None)
+                if reset is not None:
+                    reset()
 
 
 def name_key(name):

@@ -43,7 +43,7 @@ def _arm_dir(args, arm):
 
 
 def _arm_files(args, arm):
-    """Every file the export reads of `arm`, in order: each chunk's
+    """Every file of `arm` the export depends on, in order: each chunk's
     adapter and the arm's state after it; a missing one is named."""
     directory = _arm_dir(args, arm)
     files = []
@@ -52,8 +52,9 @@ def _arm_files(args, arm):
     for name in files:
         if not os.path.isfile(name):
             raise FileNotFoundError(
-                f"{name} is missing: arm {arm!r} has not finished every chunk "
-                f"in {args.output_dir} (run the main job to its end first)."
+                f"{name} is missing: the files of arm {arm!r} are "
+                f"incomplete. Delete {directory} and start the run again "
+                "to train the arm again."
             )
     return files
 
@@ -123,9 +124,9 @@ def increments_model(args, arms):
                         for f in saved
                     ):
                         raise ValueError(
-                            f"{adapter_file} is not the adapter arm {arm!r} "
-                            f"held after chunk {chunk} ({state} differs in "
-                            f"layer {layer!r}): the arm's files are mixed "
+                            f"{adapter_file} and {state} disagree on the "
+                            f"adapter arm {arm!r} held after chunk {chunk} "
+                            f"(layer {layer!r}): the arm's files are mixed "
                             f"up. Delete {directory} to train the arm again."
                         )
             name = f"{arm}_chunk_{chunk}" if merges else served_name(arm, chunk)
@@ -150,8 +151,8 @@ def export(args, arms, default_arm):
     Serving, `default_arm` after the last chunk answering requests that
     name no adapter. A run started again exports only if the pre-trained
     model, an arm's adapters or saved states, the tokenizers, the arms or
-    `--export-dir` changed, or the SavedModel it wrote is gone, and
-    otherwise names the version it wrote."""
+    `--export-dir` changed, or the SavedModel it wrote lacks its graph or
+    its variables' index, and otherwise names the version it wrote."""
     from keras_rnn_lora.translation.export import export_translator
     from keras_rnn_lora.translation.preprocessing import TranslationPreprocessor
 
@@ -175,12 +176,14 @@ def export(args, arms, default_arm):
         inputs += _arm_files(args, arm)
     for name in inputs:
         with open(name, "rb") as file:
-            digest.update(file.read())
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
     record_path = os.path.join(args.output_dir, "export.json")
     record = read_json(record_path)
     if record and record["fingerprint"] == digest.hexdigest():
         existing = in_output(args, record["path"])
-        if os.path.isfile(os.path.join(existing, "saved_model.pb")):
+        written = ("saved_model.pb", "variables/variables.index")
+        if all(os.path.isfile(os.path.join(existing, f)) for f in written):
             print(f"Reusing the export {existing} (nothing changed)")
             return
     model = increments_model(args, arms)

@@ -20,6 +20,7 @@ docs/translation.md, e.g.
 import argparse
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 MODEL_NAME = "iwslt_en_de"
@@ -97,7 +98,7 @@ def predict_grpc(target, name, sentences, timeout=30.0, adapter=None):
     ]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sentences", nargs="+")
     parser.add_argument("--rest", default=REST_URL, help="server URL")
@@ -109,7 +110,16 @@ def main():
         "'' for its default (default: send none, as to a single-model "
         "export; a multi-adapter export needs one)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not args.grpc and urllib.parse.urlparse(args.rest).scheme not in (
+        "http",
+        "https",
+    ):
+        parser.error(
+            f"--rest must be a TF Serving server's URL, such as {REST_URL}; "
+            f"got {args.rest!r} (to run a SavedModel folder without a "
+            "server, load it with tf.saved_model.load: docs/translation.md)"
+        )
     predict = predict_grpc if args.grpc else predict_rest
     translations = predict(
         args.grpc or args.rest,

@@ -121,9 +121,11 @@ def load_lora_weights(model, path, strict=True, adapter=None):
         path: an adapter file (`.lora.weights.h5`).
         strict: bool, default `True`.
         adapter: the model's named adapter a one-adapter file loads into
-            (default: the active one). A file of several adapters loads
-            each into the model's adapter of the same name (`None` or
-            `"all"`), or only the one named.
+            (default: the active one; for a model of several adapters, only
+            when the file's adapter has the active one's name: otherwise
+            name it, so a file never silently replaces another adapter).
+            A file of several adapters loads each into the model's adapter
+            of the same name (`None` or `"all"`), or only the one named.
 
     Returns:
         `model`, for chaining.
@@ -152,6 +154,7 @@ def load_lora_weights(model, path, strict=True, adapter=None):
 
 def _targets(model, file_adapters, adapter, path):
     """`{model adapter name: headers}`: what of the file goes where."""
+    from keras_rnn_lora.named_adapters import active_adapter
     from keras_rnn_lora.named_adapters import list_adapters
 
     names = list_adapters(model)
@@ -159,6 +162,18 @@ def _targets(model, file_adapters, adapter, path):
         saved, headers = next(iter(file_adapters.items()))
         if adapter == "all":  # the file's one adapter, into its namesake
             adapter = saved if saved in names else None
+        if adapter is None and len(names) > 1:
+            active = active_adapter(model)
+            if saved != active:  # its namesake, or the active one?
+                choices = [saved] if saved in names else []
+                raise ValueError(
+                    f"The adapter file {path!r} holds adapter {saved!r}; "
+                    f"model '{model.name}' has the adapters {names}, "
+                    f"{active!r} active. Pass `adapter=` to say which one "
+                    "it loads into: "
+                    + " or ".join(f"adapter={n!r}" for n in [*choices, active])
+                    + "."
+                )
         return {_chosen_adapters(model, adapter)[0]: headers}
     if adapter not in (None, "all"):
         if adapter not in file_adapters:

@@ -18,6 +18,7 @@ recompiles a compiled model (`training.recompile`).
 
 import contextlib
 import contextvars
+import math
 
 import numpy as np
 
@@ -77,7 +78,9 @@ def add_adapter(model, name, config=None, **lora_kwargs):
             the kernels the model's adapters do); `lora_init` must be
             `"default"`.
         **lora_kwargs: instead of `config`, settings changed from each
-            layer's own (`rank=16`, `use_dora=True`, ...).
+            layer's own (`rank=16`, `use_dora=True`, ...). A new `rank`
+            without `lora_alpha` keeps the layer's scale (`alpha / rank`,
+            or `alpha / sqrt(rank)` with rsLoRA): alpha follows the rank.
 
     Returns:
         `model`, for chaining.
@@ -114,8 +117,16 @@ def _layer_config(adapter, config, lora_kwargs, path):
     layer's config changed by `lora_kwargs`."""
     own = adapter.lora_config
     if config is None:
+        changes = {"lora_init": "default", **lora_kwargs}
+        rank = lora_kwargs.get("rank")
+        if isinstance(rank, int) and rank > 0 and "lora_alpha" not in changes:
+            # A new rank keeps the layer's scale: alpha follows the rank.
+            root = changes.get("use_rslora", own.use_rslora)
+            changes["lora_alpha"] = own.scaling * (
+                math.sqrt(rank) if root is True else rank
+            )
         try:
-            return own.replace(**{"lora_init": "default", **lora_kwargs})
+            return own.replace(**changes)
         except TypeError as error:
             raise TypeError(f"add_adapter: {error}") from None
     wanted = set(config.lora_targets)
@@ -279,12 +290,7 @@ def routed_call(model, inputs, ids):
         with routing.routed(names, ids):
             return model(inputs, training=False)
     finally:
-        # What the cells cache for one call: Keras resets it after its loop,
-        # but not when the call failed inside it.
-        for adapter in adapters.values():
-            reset = getattr(adapter, "reset_dropout_mask", None)
-            if reset is not None:
-                reset()
+        routing.reset_call_caches(adapters.values())
 
 
 def _check_ids(ids, count, inputs):

@@ -81,12 +81,17 @@ def prepared(hosts):
                 for target in host.lora_targets:
                     route.factors.pop((id(host), target), None)
             route.factors.update(previous)
-            for host in hosts:
-                # A cell's per-call cache: Keras resets it after its loop,
-                # not when the call failed inside it.
-                reset = getattr(host, "reset_dropout_mask", None)
-                if reset is not None:
-                    reset()
+            reset_call_caches(hosts)
+
+
+def reset_call_caches(hosts):
+    """Drops what the cells among `hosts` cache for one call (their
+    gathered factors, DoRA's scales, their dropout masks). Keras resets
+    it after a cell's loop, but not when the call failed inside it."""
+    for host in hosts:
+        reset = getattr(host, "reset_dropout_mask", None)
+        if reset is not None:
+            reset()
 
 
 def name_key(name):

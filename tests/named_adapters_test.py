@@ -12,6 +12,7 @@ from example_models import functional_model
 from example_models import x_batch
 
 import keras_rnn_lora
+from keras_rnn_lora import lora
 from keras_rnn_lora import routing
 from keras_rnn_lora.walk import lora_adapters
 
@@ -459,3 +460,53 @@ def test_no_mixed_batch_within_disable_adapters():
         with pytest.raises(ValueError, match="within `disable_adapters`"):
             keras_rnn_lora.call_with_adapters(model, x_batch(), [0, 1, -1])
     keras_rnn_lora.call_with_adapters(model, x_batch(), [0, 1, -1])
+
+
+def test_a_new_rank_keeps_the_layers_scale():
+    model = keras_rnn_lora.enable_lora(
+        functional_model(), rank=2, lora_alpha=4.0, lora_targets=TARGETS
+    )
+    keras_rnn_lora.add_adapter(model, "wide", rank=8)
+    keras_rnn_lora.add_adapter(model, "loud", rank=8, lora_alpha=8.0)
+    keras_rnn_lora.add_adapter(model, "root", rank=8, use_rslora=True)
+    cell = lora_adapters(model)["gru/cell"]
+    configs = cell.get_config()["named_adapters"]
+    own = cell.lora_config
+    assert own.scaling == 2.0
+    wide = lora.LoRAConfig(**configs["wide"])
+    assert (wide.rank, wide.lora_alpha, wide.scaling) == (8, 16.0, 2.0)
+    assert lora.LoRAConfig(**configs["loud"]).scaling == 1.0  # as given
+    root = lora.LoRAConfig(**configs["root"])
+    assert root.scaling == pytest.approx(2.0)  # alpha / sqrt(8)
+
+
+def test_a_one_adapter_file_never_silently_replaces_another_adapter(tmp_path):
+    """A file of adapter "news" loaded into a model of several adapters
+    whose active one is "default" must name where it goes: before, it
+    overwrote the active adapter and left "news" as it was."""
+    _, source = three_adapters()
+    x = x_batch(9, batch=2)
+    news = outputs_with(source, "news", x)
+    path = tmp_path / "news.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(source, path, adapter="news")
+    _, target = three_adapters(functional_model())
+    randomize_banked(target, "news", 99)
+    before = {n: outputs_with(target, n, x) for n in ("default", "news")}
+    with pytest.raises(ValueError, match="adapter='news' or adapter='default'"):
+        keras_rnn_lora.load_lora_weights(target, path)
+    for name, values in before.items():  # untouched
+        np.testing.assert_allclose(outputs_with(target, name, x), values)
+    keras_rnn_lora.load_lora_weights(target, path, adapter="news")
+    np.testing.assert_allclose(outputs_with(target, "news", x), news, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs_with(target, "default", x), before["default"]
+    )
+    # The active adapter's namesake, or a model of one adapter: as before.
+    own = tmp_path / "default.lora.weights.h5"
+    keras_rnn_lora.save_lora_weights(source, own)
+    keras_rnn_lora.load_lora_weights(target, own)
+    np.testing.assert_allclose(
+        outputs_with(target, "default", x),
+        outputs_with(source, "default", x),
+        atol=1e-5,
+    )

@@ -211,3 +211,14 @@ def test_the_server_s_refusal_is_shown_not_a_traceback():
         server.server_close()
     with pytest.raises(SystemExit, match="No TF Serving server answered"):
         serving_client.predict_rest(url, "m", ["Hi."], timeout=5)
+
+
+@pytest.mark.parametrize(
+    "rest", ["/tmp/saved_models/iwslt_en_de/1", "localhost:8501"]
+)
+def test_a_rest_address_that_is_no_url_is_one_clear_line(rest, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        serving_client.main(["--rest", rest, "Hi."])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--rest must be a TF Serving server's URL" in error and rest in error

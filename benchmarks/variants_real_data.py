@@ -31,11 +31,13 @@ best. This is one seed on one chunk: a first look, not the ablation.
     IWSLT2017_DIR=../shared/data/iwslt2017-en-de \
       python benchmarks/variants_real_data.py --output-dir runs/iwslt_translate
 
-At the default settings each fit (4 epochs) takes 1-4 minutes on a 2-core
-CPU, 3 or 4 fits a variant. Fits are kept under <output-dir>/variants/ and
-reused: a killed check resumes. Writes variants_real_data.json to
-`--results-dir` (default benchmarks/results; it holds the variants of this
-call) and prints a Markdown table.
+Each fit follows the main job's schedule and early stopping (at most
+`--update-epochs`); at the settings of 4 epochs a fit took 1-4 minutes on
+a 2-core CPU, 3 or 4 fits a variant. Fits are kept under
+<output-dir>/variants/ and reused: a killed check resumes. Writes
+variants_real_data.json to `--results-dir` (default
+benchmarks/results; it holds the variants of this call) and prints a
+Markdown table.
 """
 
 import os
@@ -348,6 +350,7 @@ def fit_variant(run, variant, rate):
         batches(run, preprocessor, split.validation, False),
         run.update_epochs,
         directory,
+        run.update_patience,
     )
     write_json(os.path.join(directory, "fit.json"), record)
 

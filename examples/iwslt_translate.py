@@ -5,17 +5,21 @@ full fine-tuning.
 
 1. Data: the training split in file order: an initial part, then the new
    data in `--increments` chunks; held-out pairs of each (examples/iwslt/data).
-2. Pre-training on the initial part until validation perplexity stops
-   improving; its best epoch is the base of every arm.
+2. Pre-training on the initial part, its learning rate halved on every
+   plateau, until early stopping ends it; its best epoch is the base of
+   every arm.
 3. Learning rates: each method its own, chosen on validation perplexity on
    the first chunk from a grid spanning both directions.
 4. The incremental phase, `--seeds` times: every arm learns the chunks in
-   turn (LoRA arms merge their adapter after each and start a fresh one),
-   each chunk ending on its best validation epoch; after every chunk,
-   perplexity on every held-out part (the forgetting matrix).
+   turn (LoRA arms merge their adapter after each and start a fresh one;
+   the control arm trains like `full` on initial data instead), each
+   chunk with the same schedule and early stopping, ending on its best
+   validation epoch; after every chunk, perplexity on every held-out part
+   (the forgetting matrix).
 5. Costs: every arm's training step timed interleaved in one process;
-   peak memory per arm in a process of its own.
-6. `--ablation`: LoRA ranks and targets against parameters and step time.
+   peak memory per arm in fresh processes, `--memory-samples` per arm.
+6. `--ablation`: LoRA ranks, target sets, variants, alpha and dropout, each
+   point an arm under the same protocol, in stages (iwslt/ablation.py).
 7. Report: results.md (printed last), results.json, curves.png,
    forgetting.png (and ablation.png); one export to `--export-dir` for
    TensorFlow Serving of the pre-trained model and every LoRA arm after
@@ -26,9 +30,10 @@ full fine-tuning.
 Every step runs in a process of its own and is saved as it finishes: start
 a killed run again with the same arguments and it resumes.
 
-Time on a 2-core laptop CPU: `--smoke` about two minutes; the defaults about
-45 minutes; `--seeds 3` about 75; `--ablation` adds about 30. `--preset
-paper` (hidden 2048) is sized for a GPU.
+Time on a 2-core CPU: `--smoke` about ten minutes; the defaults, sized to
+about an hour, depend on when early stopping ends each fit; `--ablation`
+adds hours (it resumes: run it in pieces). `--preset paper` (hidden 2048)
+is sized for a GPU.
 
     python examples/iwslt_translate.py [--smoke] [--seeds 3] [--ablation]
 """
@@ -90,21 +95,36 @@ def run(parser, args, split, fingerprint):
     if not os.path.exists(jobs.path(args, "pretrained.keras")):
         processes.run_in_child(jobs.pretrain, args)
     methods = sorted({settings.ARMS[arm]["method"] for arm in learning})
-    if args.ablation:
-        methods = sorted({*methods, "lora"})
     for method in methods:
         processes.run_in_child(jobs.select_learning_rate, args, method)
     for seed in range(args.seeds):
         for arm in arms:
             processes.run_in_child(jobs.run_arm, args, arm, seed)
-    # -- Costs, and the ablation.
-    points = ablation.configs(args) if args.ablation else {}
-    for name in points:
-        processes.run_in_child(ablation.run_point, args, name)
-    for arm in learning:
-        processes.run_in_child(costs.memory_probe, args, arm)
+    # -- The ablation: its points in stages, each an arm of its own, with
+    # `full` and `control` over as many seeds.
+    points = []
+    while args.ablation:
+        points = ablation.points(args)
+        todo = [p for p in points if ablation.validation(args, p) is None]
+        if not todo:
+            break
+        wanted = {"full", "control", *(ablation.arm_of(args, p) for p in todo)}
+        for method in sorted({settings.arm_spec(a)["method"] for a in wanted}):
+            processes.run_in_child(jobs.select_learning_rate, args, method)
+        for seed in range(ablation.seeds(args)):
+            for arm in sorted(wanted):
+                processes.run_in_child(jobs.run_arm, args, arm, seed)
+        if todo == [p for p in points if ablation.validation(args, p) is None]:
+            raise RuntimeError(f"ablation points {todo} did not finish")
+    # -- Costs.
+    for sample in range(args.memory_samples):
+        for arm in learning:  # taking turns, as the step timing does
+            processes.run_in_child(costs.memory_probe, args, arm, sample)
     if learning:
-        processes.run_in_child(costs.step_timing, args, learning, bool(points))
+        processes.run_in_child(costs.step_timing, args, learning)
+    if points:  # timed apart: the arms' figures stay as they were
+        timed = ["full", *(ablation.arm_of(args, p) for p in points)]
+        processes.run_in_child(costs.step_timing, args, timed, "ablation")
     # -- Evaluate and export.
     results = report.collect(args, split.sizes())
     results["data_fingerprint"] = fingerprint

@@ -1,105 +1,139 @@
-"""`--ablation`: what closes the gap between recurrent-only LoRA and full
-fine-tuning, and at what cost.
+"""`--ablation`: which LoRA recovers how much of full fine-tuning's gain,
+at what cost.
 
-LoRA at ranks 4-32 on the recurrent kernels, and at the default rank on
-growing sets of targets (input kernels, then the attention and output
-`Dense` layers, then the embeddings), each learning the first chunk (seed
-0) from the pre-trained model at the better of two learning rates (the
-rate chosen for `lora`, and a third of it: larger adapters often want
-less), chosen on validation perplexity. Reported against trainable
-parameters and training-step time (from the interleaved timing).
+Every point is an arm of its own, run exactly as the main arms are: its
+own learning-rate grid on the first chunk (extended past an edge that
+wins), every chunk in turn with the same schedule and early stopping,
+merging after each, at least `ABLATION_SEEDS` seeds (`full` and `control`
+too, for the share of the gain). In three stages, each chosen from the
+figures of the one before (validation perplexity after the last chunk,
+mean over seeds):
+
+1. ranks 4-64 on the recurrent kernels, and at `--rank` the target sets
+   (recurrent; + input kernels; + the attention and output `Dense`
+   layers; + the embeddings: everything this translator has);
+2. the variants (DoRA, PiSSA, LoRA+), each at the best target set it can
+   be built on (DoRA has no form for an embedding);
+3. LoRA alpha at the best point so far, and LoRA dropout at the best
+   point it can be built on (it is the cells' alone).
+
+A stage's choice, once made, is kept (`ablation/choices.json`).
+
+A point that is a main arm (`rec_r<rank>` is `lora`, `in+rec_r<rank>`
+is `lora_kernel`) is that arm's run, not a second one.
 """
 
-import os
+import math
+import statistics
 
-from iwslt.arms import build_arm
-from iwslt.arms import compile_arm
-from iwslt.arms import fit_chunk
 from iwslt.arms import read_json
 from iwslt.arms import write_json
-from iwslt.data import batches
-from iwslt.evaluate import bleu
-from iwslt.evaluate import perplexity
-from iwslt.jobs import chosen_rate
 from iwslt.jobs import path
-from iwslt.jobs import setup
+from iwslt.settings import ABLATION_ALPHAS
+from iwslt.settings import ABLATION_DROPOUTS
 from iwslt.settings import ABLATION_RANKS
+from iwslt.settings import ABLATION_SEEDS
 from iwslt.settings import ABLATION_TARGETS
+from iwslt.settings import ABLATION_VARIANTS
+from iwslt.settings import ablation_point
+from iwslt.settings import buildable
 
 
-def configs(args):
-    """`{name: LoRAConfig keyword arguments}` of every ablation point."""
-    points = {
-        f"rank {rank}": {"rank": rank, "lora_targets": ("recurrent",)}
-        for rank in ABLATION_RANKS
-        if rank <= args.units
-    }
-    for name, targets in ABLATION_TARGETS.items():
-        if name != "recurrent" or f"rank {args.rank}" not in points:
-            points[name] = {"rank": args.rank, "lora_targets": targets}
-    return points
+def seeds(args):
+    """Seeds of every ablation point, and of `full` and `control`."""
+    return max(args.seeds, ABLATION_SEEDS)
 
 
-def lora_configs(args):
-    from keras_rnn_lora import LoRAConfig
-
+def aliases(args):
+    """`{point: main arm}` for the points the main arms already are."""
     return {
-        name: LoRAConfig(**kwargs) for name, kwargs in configs(args).items()
+        ablation_point("rec", args.rank): "lora",
+        ablation_point("in+rec", args.rank): "lora_kernel",
     }
 
 
-def run_point(args, name):
-    """One ablation point: two rates, the better one scored."""
-    import keras_rnn_lora
+def arm_of(args, point):
+    """The arm whose runs are `point`'s."""
+    return aliases(args).get(point, point)
 
-    target = path(args, "ablation", f"{name}.json")
-    if os.path.exists(target):
-        return
-    config = lora_configs(args)[name]
-    base_rate = chosen_rate(args, "lora")
-    tried = {}
-    for rate in (base_rate / 3, base_rate):
-        directory = path(args, "ablation", name, f"{rate:.3g}")
-        split, preprocessor = setup(args, args.seed + 1)
-        model = build_arm(args, "lora", path(args, "pretrained.keras"), config)
-        compile_arm(args, model, rate)
-        record = read_json(os.path.join(directory, "fit.json"))
-        if record is None:
-            print(f"\n== Ablation {name}, rate {rate:.3g}", flush=True)
-            record = fit_chunk(
-                args,
-                model,
-                batches(
-                    args, preprocessor, split.chunks[0], True, args.seed + 1
-                ),
-                batches(args, preprocessor, split.validation, False),
-                args.update_epochs,
-                directory,
-            )
-            write_json(os.path.join(directory, "fit.json"), record)
-        tried[rate] = record["best_val_perplexity"]
-    rate = min(tried, key=tried.get)
-    model = build_arm(args, "lora", path(args, "pretrained.keras"), config)
-    model.load_weights(
-        path(args, "ablation", name, f"{rate:.3g}", "best.weights.h5")
-    )
-    compile_arm(args, model, rate)
-    scores = bleu(args, model, preprocessor, split.test)
-    write_json(
-        target,
-        {
-            "name": name,
-            "rank": config.rank,
-            "targets": list(config.lora_targets),
-            "learning_rate": rate,
-            "validation_perplexity": tried[rate],
-            "test_perplexity": perplexity(
-                args, model, preprocessor, split.test
-            ),
-            "test_bleu": scores["bleu"],
-            "test_chrf": scores["chrf"],
-            "trainable_params": keras_rnn_lora.lora_summary(
-                model, print_fn=None
-            )["lora"],
-        },
-    )
+
+def first_stage(args):
+    ranks = [r for r in ABLATION_RANKS if r <= args.units]
+    points = [ablation_point("rec", r) for r in ranks]
+    points += [ablation_point(t, args.rank) for t in ABLATION_TARGETS]
+    return list(dict.fromkeys(points))
+
+
+def validation(args, point):
+    """Validation perplexity after the last chunk, mean over the point's
+    seeds (infinite where one diverged); `None` until every seed has
+    finished."""
+    arm = arm_of(args, point)
+    values = []
+    for seed in range(seeds(args)):
+        result = read_json(path(args, "seeds", str(seed), arm, "result.json"))
+        if result is None:
+            return None
+        values.append(result["chunks"][-1]["forgetting_row"]["validation"])
+    if not all(math.isfinite(v) for v in values):
+        return math.inf
+    return statistics.fmean(values)
+
+
+def _best(args, candidates):
+    """The candidate with the lowest validation perplexity (ties: the
+    first)."""
+    return min(candidates, key=lambda p: validation(args, p))
+
+
+def _variants(args, done):
+    """Stage 2: `{variant: target set point}`, each variant at the best
+    target set it can be built on."""
+    sets = [ablation_point(t, args.rank) for t in ABLATION_TARGETS]
+    return {
+        variant: _best(args, [p for p in sets if buildable(f"{p}_{variant}")])
+        for variant in ABLATION_VARIANTS
+    }
+
+
+def _tuning(args, done):
+    """Stage 3: `{"alpha": point, "dropout": point}`: alpha at the best
+    point so far, dropout at the best one it can be built on."""
+    return {
+        "alpha": _best(args, done),
+        "dropout": _best(args, [p for p in done if buildable(f"{p}_d0.1")]),
+    }
+
+
+STAGES = {
+    "variants": (
+        _variants,
+        lambda chosen: [f"{at}_{v}" for v, at in chosen.items()],
+    ),
+    "tuning": (
+        _tuning,
+        lambda chosen: (
+            [f"{chosen['alpha']}_a{a:g}" for a in ABLATION_ALPHAS]
+            + [f"{chosen['dropout']}_d{d:g}" for d in ABLATION_DROPOUTS]
+        ),
+    ),
+}
+
+
+def points(args):
+    """The points of every stage whose choice is made, in stage order: the
+    first stage, and each later one once every point before it has
+    finished (every seed). A choice, once made, is kept in
+    `ablation/choices.json`: a run started again, or with more seeds,
+    runs the same points. Run the unfinished ones and ask again."""
+    choices_path = path(args, "ablation", "choices.json")
+    choices = read_json(choices_path, {})
+    done = first_stage(args)
+    for stage, (choose, expand) in STAGES.items():
+        if stage not in choices:
+            if any(validation(args, p) is None for p in done):
+                return done
+            choices[stage] = choose(args, done)
+            write_json(choices_path, choices)
+        done = done + [p for p in expand(choices[stage]) if p not in done]
+    return done

@@ -6,6 +6,7 @@ started again, so a killed run resumes where it stopped.
 """
 
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -23,9 +24,10 @@ from iwslt.evaluate import final_scores
 from iwslt.evaluate import forgetting_row
 from iwslt.increments import adapter_path
 from iwslt.paths import REPOSITORY
-from iwslt.settings import ARMS
 from iwslt.settings import GRID_EXTENSIONS
 from iwslt.settings import GRID_FACTOR
+from iwslt.settings import arm_spec
+from iwslt.settings import grid
 
 
 def path(args, *parts):
@@ -118,46 +120,55 @@ def _trial_dir(args, method, rate):
 def select_learning_rate(args, method):
     """Tries the method's grid on the first chunk (seed 0) and keeps the
     rate with the best validation perplexity; extends the grid past an edge
-    that wins (see `settings.LEARNING_RATE_GRIDS`)."""
+    that wins (see `settings.LEARNING_RATE_GRIDS`, `settings.grid`)."""
     choice_path = path(args, "learning_rates", method, "choice.json")
     if os.path.exists(choice_path):
         return
     tried = {}
-    grid = list(args.grids[method])
+    rates = list(grid(args, method))
     extensions = 0
     while True:
-        for rate in grid:
+        for rate in rates:
             if rate not in tried:
                 tried[rate] = _chunk_fit(args, method, 0, 1, rate)["best"]
-        best = min(tried, key=tried.get)
+        best = min(tried, key=lambda r: finite_or_inf(tried[r]))
+        if finite_or_inf(tried[best]) == math.inf:
+            raise RuntimeError(
+                f"[{method}] no learning rate of {sorted(tried)} reached a "
+                "finite validation perplexity on the first chunk: every fit "
+                "diverged. Try lower rates (settings.LEARNING_RATE_GRIDS)."
+            )
         lowest, highest = min(tried), max(tried)
         if extensions >= GRID_EXTENSIONS or best not in (lowest, highest):
             break
         extensions += 1
-        grid.append(
+        rates.append(
             best / GRID_FACTOR if best == lowest else best * GRID_FACTOR
         )
-    for rate in tried:  # the chosen trial is seed 0's first chunk: kept
-        if rate != best:
-            _drop_weights(_trial_dir(args, method, rate))
     write_json(
         choice_path,
         {
             "chosen": best,
             "validation_perplexity": {f"{r:.3g}": v for r, v in tried.items()},
-            "grid": list(args.grids[method]),
+            "grid": list(grid(args, method)),
             "extensions": extensions,
         },
     )
+    # Only once the choice is saved: a restart before it reads every trial.
+    for rate in tried:  # the chosen trial is seed 0's first chunk: kept
+        if rate != best:
+            _drop_weights(_trial_dir(args, method, rate))
     print(
         f"[{method}] learning rate {best:.3g} chosen from "
-        + ", ".join(f"{r:.3g}: {v:.2f}" for r, v in sorted(tried.items())),
+        + ", ".join(
+            f"{r:.3g}: {finite_or_inf(v):.2f}" for r, v in sorted(tried.items())
+        ),
         flush=True,
     )
 
 
 def chosen_rate(args, arm):
-    method = ARMS[arm]["method"]
+    method = arm_spec(arm)["method"]
     return read_json(path(args, "learning_rates", method, "choice.json"))[
         "chosen"
     ]
@@ -168,7 +179,7 @@ def _chunk_fit(args, arm, seed_index, chunk, rate, start_weights=None):
     pre-trained model); resumable. Seed 0's first chunk is the learning-rate
     trial of the chosen rate itself. Returns the fit's record and the
     model, ending on its best epoch."""
-    if seed_index == 0 and chunk == 1 and ARMS[arm]["method"] == arm:
+    if seed_index == 0 and chunk == 1 and arm_spec(arm)["method"] == arm:
         directory = _trial_dir(args, arm, rate)
     else:
         directory = path(args, "seeds", str(seed_index), arm, f"chunk_{chunk}")
@@ -177,14 +188,17 @@ def _chunk_fit(args, arm, seed_index, chunk, rate, start_weights=None):
     if start_weights:
         model.load_weights(start_weights)
     record = read_json(os.path.join(directory, "fit.json"))
-    if record is not None:  # learned before: its best epoch
-        model.load_weights(os.path.join(directory, "best.weights.h5"))
-    compile_arm(args, model, rate)
+    best_weights = os.path.join(directory, "best.weights.h5")
+    if record is not None and os.path.exists(best_weights):  # its best epoch
+        model.load_weights(best_weights)
+    compile_arm(args, model, rate, arm)
     record_path = os.path.join(directory, "fit.json")
     if record is None:
+        kind = "initial" if arm_spec(arm).get("data") == "initial" else "new"
         print(
             f"\n== {arm}, seed {seed_index}, chunk {chunk}: learning "
-            f"{len(split.chunks[chunk - 1]):,} new pairs at rate {rate:.3g}",
+            f"{len(split.chunks[chunk - 1]):,} {kind} pairs at rate "
+            f"{rate:.3g}",
             flush=True,
         )
         record = fit_chunk(
@@ -193,13 +207,14 @@ def _chunk_fit(args, arm, seed_index, chunk, rate, start_weights=None):
             batches(
                 args,
                 preprocessor,
-                split.chunks[chunk - 1],
+                training_pairs(args, split, arm, chunk),
                 True,
                 args.seed + 1000 * seed_index + chunk,
             ),
             batches(args, preprocessor, split.validation, False),
             args.update_epochs,
             directory,
+            args.update_patience,
         )
         record["best"] = record["best_val_perplexity"]
         write_json(record_path, record)
@@ -210,6 +225,31 @@ def _chunk_fit(args, arm, seed_index, chunk, rate, start_weights=None):
         "preprocessor": preprocessor,
         "directory": directory,
     }
+
+
+def training_pairs(args, split, arm, chunk):
+    """What `arm` learns as chunk `chunk`: the chunk's new pairs, or for an
+    arm on the initial data (the control) as many pairs of the initial
+    part, drawn in a seeded order without repeating one while any is left
+    (chunk after chunk), so it trains as much as the others do on data
+    the base has already seen."""
+    size = len(split.chunks[chunk - 1])
+    if arm_spec(arm).get("data") != "initial":
+        return split.chunks[chunk - 1]
+    import random
+
+    order = list(range(len(split.initial)))
+    random.Random(args.seed).shuffle(order)
+    start = sum(len(c) for c in split.chunks[: chunk - 1])
+    return [
+        split.initial[order[i % len(order)]] for i in range(start, start + size)
+    ]
+
+
+def finite_or_inf(value):
+    """`value`, or infinity for a fit that never had a finite validation
+    perplexity (`None`, NaN): it ranks last."""
+    return value if value is not None and math.isfinite(value) else math.inf
 
 
 def _drop_weights(directory):
@@ -249,13 +289,19 @@ def run_arm(args, arm, seed_index):
             start = after
             continue
         fit = _chunk_fit(args, arm, seed_index, chunk, rate, start)
+        if finite_or_inf(fit["best"]) == math.inf:
+            raise RuntimeError(
+                f"{arm}, seed {seed_index}, chunk {chunk}: no epoch reached a "
+                f"finite validation perplexity at rate {rate:.3g} (the fit "
+                f"diverged; its record: {fit['directory']}/fit.json)"
+            )
         model = fit["model"]
         row = forgetting_row(args, model, fit["preprocessor"], fit["split"])
-        if "targets" in ARMS[arm]:  # the increment's adapter, served later
+        if "targets" in arm_spec(arm):  # the increment's adapter, served later
             keras_rnn_lora.save_lora_weights(
                 model, adapter_path(directory, chunk)
             )
-            if "base_dtype" not in ARMS[arm]:
+            if "base_dtype" not in arm_spec(arm):
                 keras_rnn_lora.merge_lora(model, reset=True)
         save_weights(model, after)
         record = {k: fit[k] for k in fit if k not in _LIVE}
@@ -268,14 +314,14 @@ def run_arm(args, arm, seed_index):
         split, preprocessor = setup(args, args.seed + 1000 * seed_index)
         model = build_arm(args, arm, path(args, "pretrained.keras"))
         model.load_weights(start)  # before compiling: no optimizer state
-        compile_arm(args, model, rate)
+        compile_arm(args, model, rate, arm)
     else:
         split, preprocessor = fit["split"], fit["preprocessor"]
     scores = final_scores(args, model, preprocessor, split)
-    lora_arm = "targets" in ARMS[arm]
+    lora_arm = "targets" in arm_spec(arm)
     if seed_index == 0:  # the model the export serves (merged once, here)
         # A half-precision base is served in float32: the merge needs it.
-        dtype = "float32" if "base_dtype" in ARMS[arm] else None
+        dtype = "float32" if "base_dtype" in arm_spec(arm) else None
         base = (
             keras_rnn_lora.to_base_model(model, dtype=dtype)
             if lora_arm

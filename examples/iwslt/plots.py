@@ -79,44 +79,43 @@ def _forgetting_plot(results, output_dir, plt):
 
 
 def _ablation_plot(results, output_dir, plt):
+    """Share of full fine-tuning's gain over the control arm against
+    trainable parameters; step time against trainable parameters."""
     points = results["ablation"]
-    full = results["arms"].get("full")
-    figure, (params, time) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (share, time) = plt.subplots(1, 2, figsize=(12, 4.4))
     for name, p in points.items():
-        params.scatter(p["trainable_params"], p["test_perplexity"])
-        params.annotate(
-            name, (p["trainable_params"], p["test_perplexity"]), fontsize=8
-        )
+        x = p["trainable_params"]
+        if p.get("gain_share") is not None:
+            share.scatter(x, p["gain_share"])
+            share.annotate(name, (x, p["gain_share"]), fontsize=7)
         ratio = p.get("step_time_ratio")
         if ratio:
-            time.scatter(ratio["median"], p["test_bleu"])
-            time.annotate(name, (ratio["median"], p["test_bleu"]), fontsize=8)
+            spread = [
+                [ratio["median"] - ratio["min"]],
+                [ratio["max"] - ratio["median"]],
+            ]
+            time.errorbar(x, ratio["median"], yerr=spread, fmt="o")
+            time.annotate(name, (x, ratio["median"]), fontsize=7)
+    full = results["arms"].get("full")
+    for axis, value in ((share, 1.0), (time, 1.0)):
+        axis.axhline(value, linestyle="--", color="gray", label="full")
+    share.axhline(0.0, linestyle=":", color="gray", label="control")
     if full:
-        params.axhline(
-            full["test_perplexity"]["mean"],
-            linestyle="--",
-            color="gray",
-            label="full fine-tuning",
-        )
-        time.axhline(
-            full["test_bleu"]["mean"],
-            linestyle="--",
-            color="gray",
-            label="full fine-tuning",
-        )
-        time.axvline(1.0, linestyle=":", color="gray")
-    params.set(
+        for axis in (share, time):
+            axis.axvline(full["trainable_params"], linestyle=":", color="gray")
+    share.set(
         xscale="log",
         xlabel="trainable parameters",
-        ylabel="test perplexity",
-        title="What closes the gap",
+        ylabel="share of full fine-tuning's gain over control",
+        title="Gain recovered (validation perplexity, mean over seeds)",
     )
     time.set(
-        xlabel="training-step time (× full)",
-        ylabel="test BLEU",
-        title="At what cost",
+        xscale="log",
+        xlabel="trainable parameters",
+        ylabel="training-step time (× full)",
+        title="Step time (median, range over rounds)",
     )
-    params.legend()
+    share.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(os.path.join(output_dir, "ablation.png"), dpi=120)
     plt.close(figure)

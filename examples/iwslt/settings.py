@@ -26,21 +26,30 @@ DEFAULTS = {
     "max_length": 50,  # tokens per side; longer sentences are truncated
     "batch_size": 64,
     "label_smoothing": 0.1,  # training loss only; perplexity is unsmoothed
-    "patience": 3,  # pre-training stops this many epochs after its best
+    # Every fit (pre-training and each arm's chunks) ends this many epochs
+    # after its best validation epoch; its cap (`pretrain_epochs`,
+    # `update_epochs`) is set so that early stopping, not the cap, ends it.
+    "patience": 3,  # pre-training
+    "update_patience": 2,  # each chunk, the same for every arm
+    # Every fit halves its learning rate after an epoch that does not
+    # improve validation perplexity (Keras' ReduceLROnPlateau, patience 1),
+    # so it settles at its optimum before early stopping ends it.
+    "plateau_factor": 0.5,
     "increments": 2,  # chunks the new data arrives in
     "seeds": 1,  # repetitions of the incremental phase (README: 3)
     "timing_rounds": 7,  # rounds of the interleaved step timing
+    "memory_samples": 3,  # fresh processes per arm measuring peak memory
 }
 PRESETS = {
-    # A 2-core CPU: about 40 minutes for the default run (one seed).
+    # A 2-core CPU: the default run (one seed).
     "cpu": {
         "embedding_dim": 256,
         "units": 256,
         "dropout": 0.3,
         "rank": 8,
-        "pretrain_epochs": 30,  # an upper bound: early stopping ends it
+        "pretrain_epochs": 60,  # a cap: early stopping ends it
         "pretrain_learning_rate": 2e-3,
-        "update_epochs": 4,  # per chunk; the best epoch is kept
+        "update_epochs": 30,  # per chunk, a cap; the best epoch is kept
     },
     # The paper's scale (hidden 2048): for a GPU.
     "paper": {
@@ -48,9 +57,9 @@ PRESETS = {
         "units": 2048,
         "dropout": 0.3,
         "rank": 8,
-        "pretrain_epochs": 40,
+        "pretrain_epochs": 80,
         "pretrain_learning_rate": 1e-3,
-        "update_epochs": 5,
+        "update_epochs": 30,
         "increments": 4,
     },
 }
@@ -65,8 +74,10 @@ SMOKE = {
     "units": 32,
     "rank": 2,
     "pretrain_epochs": 2,
-    "update_epochs": 1,
+    "update_epochs": 2,
+    "update_patience": 1,
     "timing_rounds": 2,
+    "memory_samples": 1,
 }
 SETTING_TYPES = {
     "max_pairs": int,
@@ -78,9 +89,12 @@ SETTING_TYPES = {
     "batch_size": int,
     "label_smoothing": float,
     "patience": int,
+    "update_patience": int,
+    "plateau_factor": float,
     "increments": int,
     "seeds": int,
     "timing_rounds": int,
+    "memory_samples": int,
     "embedding_dim": int,
     "units": int,
     "dropout": float,
@@ -111,9 +125,15 @@ ARMS = {
         "targets": ("recurrent",),
         "base_dtype": "bfloat16",
     },
+    "control": {
+        "method": "full",
+        "about": "`full` on as many pairs of the initial data instead of "
+        "each chunk: what more training alone gives",
+        "data": "initial",
+    },
     "frozen": {"method": None, "about": "no update: the pre-trained model"},
 }
-DEFAULT_ARMS = "full,lora,lora_kernel,lora_bf16,frozen"
+DEFAULT_ARMS = "full,lora,lora_kernel,lora_bf16,control,frozen"
 # Learning rates tried per method on the first chunk (seed 0), chosen on
 # validation perplexity (`lora_bf16` too: its base rounds differently).
 # Each grid spans both directions around a prior; if the best rate is at an
@@ -129,14 +149,38 @@ SMOKE_GRIDS = {"full": (1e-3, 3e-3), "lora": (1e-2, 3e-2)}
 SMOKE_GRIDS["lora_kernel"] = SMOKE_GRIDS["lora_bf16"] = SMOKE_GRIDS["lora"]
 GRID_FACTOR = 3.0
 GRID_EXTENSIONS = 2
-# `--ablation`: what closes the gap, at what cost (first chunk, seed 0).
-ABLATION_RANKS = (4, 8, 16, 32)
-ABLATION_TARGETS = {
-    "recurrent": ("recurrent",),
-    "input+recurrent": ("kernel", "recurrent"),
-    "+dense": ("kernel", "recurrent", "dense"),
-    "+embedding": ("kernel", "recurrent", "dense", "embedding"),
+# `--ablation`: which LoRA closes the gap to full fine-tuning, at what
+# cost, each point an arm of its own under the same protocol (its own rate
+# grid, every chunk, early stopping, `ABLATION_SEEDS` seeds at least). A
+# point's name says what it is: `<targets>_r<rank>[_<variant>][_a<alpha>]
+# [_d<dropout>]`, e.g. `rec_r16`, `in+rec+dense_r8_dora`.
+ABLATION_SEEDS = 2
+ABLATION_RANKS = (4, 8, 16, 32, 64)  # on the recurrent kernels
+ABLATION_TARGETS = {  # at `--rank`
+    "rec": ("recurrent",),
+    "in+rec": ("kernel", "recurrent"),
+    "in+rec+dense": ("kernel", "recurrent", "dense"),
+    # Every target the translator has (it holds no EinsumDense).
+    "all": ("kernel", "recurrent", "dense", "embedding"),
 }
+# At the target set with the best validation perplexity after the last
+# chunk: the variants, each from its own grid (PiSSA's factors start large,
+# LoRA+'s B learns 16 times faster: both a step lower than LoRA's).
+ABLATION_VARIANTS = {
+    "dora": {"use_dora": True},
+    "pissa": {"lora_init": "pissa"},
+    "loraplus": {},
+}
+LORAPLUS_RATIO = 16.0  # Hayou et al.'s suggested ratio of B's rate to A's
+VARIANT_GRIDS = {
+    "dora": (3e-3, 1e-2, 3e-2),
+    "pissa": (3e-4, 1e-3, 3e-3),
+    "loraplus": (3e-4, 1e-3, 3e-3),
+}
+# At the best point of all before: LoRA alpha (as a multiple of the rank;
+# 1, the default, is the point itself) and LoRA dropout.
+ABLATION_ALPHAS = (0.5, 2.0)
+ABLATION_DROPOUTS = (0.1, 0.3)
 # The paper's reported reductions of LoRA against full fine-tuning.
 PAPER = {
     "time_reduction": 0.837,
@@ -151,6 +195,104 @@ SENTENCES = (
     "I would like to tell you a story about my grandmother.",
     "This is the most important thing in the world.",
 )
+
+
+def ablation_point(targets, rank, variant=None, alpha=None, dropout=None):
+    """The name of an ablation point (see `ABLATION_TARGETS`)."""
+    name = f"{targets}_r{rank}"
+    if variant:
+        name += f"_{variant}"
+    if alpha is not None:
+        name += f"_a{alpha:g}"
+    if dropout:
+        name += f"_d{dropout:g}"
+    return name
+
+
+def arm_spec(arm):
+    """What an arm is: an entry of `ARMS`, or an ablation point read from
+    its name (`ablation_point`): its method is its own name (its own rate
+    grid), its `config` the `LoRAConfig` arguments. `KeyError` for a name
+    that is neither."""
+    if arm in ARMS:
+        return ARMS[arm]
+    parts = arm.split("_")
+    if len(parts) < 2 or parts[0] not in ABLATION_TARGETS:
+        raise KeyError(arm)
+    targets = ABLATION_TARGETS[parts[0]]
+    try:
+        config = {"rank": _number(parts[1], "r", int), "lora_targets": targets}
+        variant = None
+        kinds = [p if p in ABLATION_VARIANTS else p[:1] for p in parts[2:]]
+        kinds = ["variant" if k in ABLATION_VARIANTS else k for k in kinds]
+        if len(set(kinds)) < len(kinds):  # say each thing once
+            raise ValueError(arm)
+        for part in parts[2:]:
+            if part in ABLATION_VARIANTS:
+                variant = part
+                config.update(ABLATION_VARIANTS[part])
+            elif part.startswith("a"):
+                config["lora_alpha"] = _number(part, "a") * config["rank"]
+            else:
+                config["lora_dropout"] = _number(part, "d")
+    except ValueError:
+        raise KeyError(arm) from None
+    return {
+        "method": arm,
+        "about": f"ablation: LoRA on {'+'.join(targets)}, rank "
+        f"{config['rank']}"
+        + (f", {variant}" if variant else "")
+        + (
+            f", alpha {config['lora_alpha']:g}"
+            if "lora_alpha" in config
+            else ""
+        )
+        + (
+            f", LoRA dropout {config['lora_dropout']:g}"
+            if "lora_dropout" in config
+            else ""
+        ),
+        "targets": targets,
+        "config": config,
+        "variant": variant,
+        "loraplus_ratio": LORAPLUS_RATIO if variant == "loraplus" else None,
+    }
+
+
+def _number(part, prefix, kind=float):
+    """The number in a name part such as `r16` or `a0.5` (`ValueError` if
+    the part is not `prefix` and a positive number)."""
+    if not part.startswith(prefix):
+        raise ValueError(part)
+    value = kind(part[len(prefix) :])
+    if not value > 0:
+        raise ValueError(part)
+    return value
+
+
+def buildable(point):
+    """Whether the library can build ablation point `point`: DoRA has no
+    form for an embedding (it rescales a kernel's columns), and LoRA
+    dropout is the cells' alone (Keras' own layers have no dropout of
+    their input to share)."""
+    spec = arm_spec(point)
+    config, targets = spec["config"], set(spec["targets"])
+    if config.get("use_dora") and "embedding" in targets:
+        return False
+    return not (
+        config.get("lora_dropout") and targets - {"kernel", "recurrent"}
+    )
+
+
+def grid(args, method):
+    """The learning rates `method` tries first: its entry in the settings'
+    grids, or an ablation point's: its variant's, else LoRA's."""
+    if method in args.grids:
+        return args.grids[method]
+    variant = arm_spec(method)["variant"]
+    if variant and not args.smoke:
+        return VARIANT_GRIDS[variant]
+    return args.grids["lora"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +320,12 @@ class Settings:
     batch_size: int
     label_smoothing: float
     patience: int
+    update_patience: int
+    plateau_factor: float
     increments: int
     seeds: int
     timing_rounds: int
+    memory_samples: int
     embedding_dim: int
     units: int
     dropout: float
@@ -298,7 +443,9 @@ def _check(parser, args):
         "increments": 1,
         "seeds": 1,
         "patience": 1,
+        "update_patience": 1,
         "timing_rounds": 1,
+        "memory_samples": 1,
     }
     for name, low in minimum.items():
         value = getattr(args, name)
@@ -317,6 +464,11 @@ def _check(parser, args):
             parser.error(
                 f"--{name.replace('_', '-')} must lie in [0, 1), got {value}"
             )
+    if not 0.0 < args.plateau_factor <= 1.0:
+        parser.error(
+            "--plateau-factor must lie in (0, 1] (1: no reduction), got "
+            f"{args.plateau_factor}"
+        )
     rate = args.pretrain_learning_rate
     if not (math.isfinite(rate) and rate > 0):
         parser.error(
@@ -373,6 +525,7 @@ def run_key(args, data_fingerprint):
         "seeds",
         "ablation",
         "timing_rounds",
+        "memory_samples",
     }
     recorded = args.recorded()
     settings = {k: v for k, v in sorted(recorded.items()) if k not in skip}

@@ -151,3 +151,19 @@ def test_a_fit_that_never_has_a_finite_perplexity_stops_early(tmp_path):
     assert (
         record["best_epoch"] is None and record["best_val_perplexity"] is None
     )
+
+
+def test_a_fit_killed_after_its_log_but_before_its_best_epoch_trains_on(
+    tmp_path,
+):
+    """Killed between the epoch log's write and the best epoch's, a fit
+    judges that epoch again when resumed: before, the log alone said the
+    fit had ended, and it ended with no best epoch."""
+    import json
+
+    (tmp_path / "epochs.json").write_text(
+        json.dumps({"seconds": {"0": 1.0}, "val": {"0": 0.0}, "processes": 1})
+    )
+    record = fit(tmp_path, epochs=10, patience=1)
+    assert record["best_epoch"] == 0 and record["best_val_perplexity"] == 0.0
+    assert record["epochs_run"] == 2 and record["stopped"] == "early stopping"

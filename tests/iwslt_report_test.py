@@ -378,3 +378,21 @@ def test_a_diverged_epoch_counts_its_steps_but_reaches_nothing():
     )
     assert report.trajectory(seed) == [(20, 70.0), (40, 60.0)]
     assert report.steps_to(report.trajectory(seed), 65.0) == 40
+
+
+def test_a_diverged_learning_rate_trial_is_named_in_the_report():
+    results = report_results()
+    results["learning_rates"] = {
+        "lora": {
+            "chosen": 0.03,
+            "validation_perplexity": {
+                "0.01": None,
+                "0.03": 216.5,
+                "0.09": float("nan"),
+            },
+        }
+    }
+    text = report.markdown(results)
+    assert (
+        "| lora | 0.01: diverged, 0.03: 216.50, 0.09: diverged | 0.03 |" in text
+    )

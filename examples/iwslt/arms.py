@@ -187,7 +187,10 @@ class BestEpoch:
                 ):
                     save_weights(self.model, best.weights_path)
                     state = {"value": value, "epoch": epoch}
-                    write_json(best.state_path, state)
+                # The last epoch this callback has judged: a fit killed
+                # before this write judges that epoch again when resumed.
+                state["seen"] = epoch
+                write_json(best.state_path, state)
                 if best.patience and best.ended(epoch, state):
                     self.model.stop_training = True
 
@@ -235,8 +238,8 @@ def fit_chunk(args, model, train, validation, epochs, directory, patience):
     log = EpochLog(os.path.join(directory, "epochs.json"))
     best = BestEpoch(directory, patience)
     schedule = plateau_schedule(directory, args.plateau_factor)
-    ran = len(log.values["seconds"])
-    if ran and (ran >= epochs or best.ended(ran - 1)):
+    seen = best.state().get("seen")
+    if seen is not None and (seen + 1 >= epochs or best.ended(seen)):
         # It had ended (killed before its caller saved what followed): the
         # fit as it ended, not more epochs from its backup.
         if os.path.exists(best.weights_path):

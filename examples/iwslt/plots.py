@@ -2,6 +2,7 @@
 (curves.png), the forgetting matrix (forgetting.png) and, with `--ablation`,
 the ablation (ablation.png)."""
 
+import math
 import os
 
 
@@ -36,6 +37,7 @@ def write(results, output_dir):
             points = sorted(
                 (float(k), v)
                 for k, v in choice["validation_perplexity"].items()
+                if v is not None and math.isfinite(v)  # not diverged
             )
             rates.plot(*zip(*points, strict=True), marker="o", label=method)
     rates.set(

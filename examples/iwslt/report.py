@@ -718,7 +718,7 @@ def _rate_table(results):
     for method, choice in results["learning_rates"].items():
         if choice:
             tried = ", ".join(
-                f"{rate}: {value:.2f}"
+                f"{rate}: {_perplexity(value)}"
                 for rate, value in sorted(
                     choice["validation_perplexity"].items(),
                     key=lambda x: float(x[0]),
@@ -726,6 +726,14 @@ def _rate_table(results):
             )
             lines.append(f"| {method} | {tried} | {choice['chosen']:.3g} |")
     return lines
+
+
+def _perplexity(value):
+    """A fit's best validation perplexity, or "diverged" where it had no
+    finite one."""
+    if value is None or not math.isfinite(value):
+        return "diverged"
+    return f"{value:.2f}"
 
 
 def _translations(results):

@@ -3,6 +3,7 @@ parsing, its refusals, and that a run without it is untouched. Training
 on two workers is tested on the library itself (distributed_test.py)."""
 
 import contextlib
+import os
 
 import keras
 import numpy as np
@@ -75,6 +76,30 @@ def test_the_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
     with open(copy / "lora.py", "a") as file:
         file.write("\n# changed\n")
     assert settings.code_fingerprint(str(copy)) != fingerprint
+
+
+def test_the_code_fingerprint_leaves_out_the_report(tmp_path):
+    """The report is made afresh from the records on every run: a change to
+    it reuses them; a change to a module that trains does not."""
+    import shutil
+
+    from iwslt import settings
+
+    examples = tmp_path / "examples"
+    shutil.copytree(
+        os.path.dirname(os.path.dirname(settings.__file__)),
+        examples,
+        ignore=shutil.ignore_patterns("results", "__pycache__"),
+    )
+    fingerprint = settings.code_fingerprint(examples_dir=str(examples))
+    assert fingerprint == settings.code_fingerprint()
+    for module in settings.PRESENTATION:
+        with open(examples / "iwslt" / module, "a") as file:
+            file.write("\n# changed\n")
+    assert settings.code_fingerprint(examples_dir=str(examples)) == fingerprint
+    with open(examples / "iwslt" / "arms.py", "a") as file:
+        file.write("\n# changed\n")
+    assert settings.code_fingerprint(examples_dir=str(examples)) != fingerprint
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the refusal is torch's")

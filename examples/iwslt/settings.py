@@ -477,13 +477,21 @@ def _check(parser, args):
         )
 
 
-def code_fingerprint(package_dir=None):
+# The modules that only present results: the report is made afresh from
+# the saved records on every run, so a change to them reuses every record.
+PRESENTATION = ("report.py", "plots.py")
+
+
+def code_fingerprint(package_dir=None, examples_dir=None):
     """SHA-256 (12 hex digits) of the source the results come from: the
-    main job (examples/iwslt_translate.py, examples/iwslt/) and the
+    main job (iwslt_translate.py and iwslt/ but for its `PRESENTATION`
+    modules, in this examples folder or `examples_dir`) and the
     `keras_rnn_lora` it imports (or the package folder `package_dir`)."""
     import importlib.util
 
-    examples = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    examples = examples_dir or os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))
+    )
     if package_dir is None:
         spec = importlib.util.find_spec("keras_rnn_lora")
         package_dir = list(spec.submodule_search_locations)[0]
@@ -500,9 +508,10 @@ def code_fingerprint(package_dir=None):
     for name, root in roots.items():
         for folder, _, found in os.walk(root):
             for file in found:
-                if file.endswith(".py"):
-                    full = os.path.join(folder, file)
-                    relative = os.path.relpath(full, root)
+                full = os.path.join(folder, file)
+                relative = os.path.relpath(full, root)
+                shown = name == "examples/iwslt" and relative in PRESENTATION
+                if file.endswith(".py") and not shown:
                     files.append((f"{name}/{relative}", full))
     digest = hashlib.sha256()
     for name, full in sorted(files):

@@ -316,7 +316,7 @@ def check_recorded_fits(run, variants):
 def fit_variant(run, variant, rate):
     """One variant learning the first chunk at `rate` for the run's
     `--update-epochs`, as the main job's learning-rate trial of `lora` does
-    (`iwslt.jobs._chunk_fit`). Runs in a process of its own; the record
+    (`iwslt.jobs.chunk_fit`). Runs in a process of its own; the record
     lands in the fit's folder."""
     from iwslt.arms import build_arm
     from iwslt.arms import fit_chunk

@@ -92,7 +92,7 @@ def run(parser, args, split, fingerprint):
     learning = [arm for arm in arms if arm != "frozen"]
     processes.run_in_child(jobs.environment, args)
     # -- Train: pre-training, learning rates, the incremental phase.
-    if not os.path.exists(jobs.path(args, "pretrained.keras")):
+    if not os.path.exists(jobs.path(args, "pretrain.json")):  # written last
         processes.run_in_child(jobs.pretrain, args)
     methods = sorted({settings.ARMS[arm]["method"] for arm in learning})
     for method in methods:
@@ -128,7 +128,13 @@ def run(parser, args, split, fingerprint):
     # -- Evaluate and export.
     results = report.collect(args, split.sizes())
     results["data_fingerprint"] = fingerprint
-    lora_arms = [a for a in learning if "targets" in settings.ARMS[a]]
+    # The LoRA arms whose seed 0 (the one served) learned every chunk.
+    lora_arms = [
+        a
+        for a in learning
+        if "targets" in settings.ARMS[a]
+        and "diverged_at_chunk" not in results["arms"][a]["seeds"][0]
+    ]
     if lora_arms:
         # The default adapter: the best arm whose served model is the one it
         # evaluated (a bfloat16 base is served in float32), if any.

@@ -87,11 +87,15 @@ def test_reductions_come_from_the_interleaved_ratio():
     }
     arms["lora"]["trainable_params"] = 1
     reductions = report.reductions(arms)
+    # The slowest round (ratio 0.7) is the smallest reduction.
     assert reductions["time_reduction"] == {
         "median": pytest.approx(0.4),
-        "min": pytest.approx(0.5),
-        "max": pytest.approx(0.3),
+        "min": pytest.approx(0.3),
+        "max": pytest.approx(0.5),
     }
+    shown = report_results()
+    shown["reductions"] = reductions
+    assert "| 40.0% [30.0%, 50.0%] |" in report.markdown(shown)
     assert reductions["memory_reduction"] == pytest.approx(0.25)
     assert reductions["trainable_reduction"] == pytest.approx(0.99)
     assert reductions["test_perplexity_change"] == pytest.approx(0.2)
@@ -190,6 +194,15 @@ def test_the_report_states_figures_not_explanations():
     flagged["provenance"]["environment"] = {"XLA_FLAGS": "--x=1"}
     assert "tensorflow 2.21.0; XLA_FLAGS=--x=1. sacrebleu" in report.markdown(
         flagged
+    )
+    resumed = report_results()
+    later = {**resumed["provenance"], "versions": {"keras": "3.16.0"}}
+    resumed["resumed_under"] = [later]
+    text = report.markdown(resumed)
+    assert "Run: tensorflow on Some CPU" in text
+    assert (
+        "Resumed under: tensorflow on Some CPU (2 cores; no GPU); code "
+        "0123456789ab; keras 3.16.0." in text
     )
 
 

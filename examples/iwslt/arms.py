@@ -205,8 +205,8 @@ class BestEpoch:
 
     def ended(self, epoch, state=None):
         """Whether early stopping ends the fit after `epoch`: `patience`
-        epochs after the best, or after the first when no epoch has had a
-        finite validation perplexity (a diverged fit stops as early)."""
+        epochs after the best, or after the first `patience` epochs when
+        none has had a finite validation perplexity (a diverged fit)."""
         if self.patience is None:
             return False
         state = self.state() if state is None else state

@@ -47,27 +47,30 @@ def setup(args, seed):
 
 
 def environment(args):
-    """environment.json: the code's commit (and whether files differed from
-    it), the backend, package versions, the device as the backend sees it,
-    the speed-relevant environment variables and sacrebleu's signatures,
-    recorded once per process that trains."""
+    """environment.json: what this invocation of the main job runs under
+    (the code's commit and whether files differed from it, the backend,
+    package versions, the device as the backend sees it, the
+    speed-relevant environment variables, sacrebleu's signatures), as a
+    list in order of every distinct one a resumed run has had: the first
+    started the run, a later one finished part of it."""
     import keras
 
     from keras_rnn_lora import measurement
     from keras_rnn_lora.translation.evaluation import score_signatures
 
     backend = keras.backend.backend()
-    write_json(
-        path(args, "environment.json"),
-        {
-            **measurement.git_state(REPOSITORY),
-            "backend": backend,
-            "versions": measurement.versions(backend),
-            "device": measurement.device(backend),
-            "environment": measurement.speed_environment(),
-            "sacrebleu": score_signatures(),
-        },
-    )
+    current = {
+        **measurement.git_state(REPOSITORY),
+        "backend": backend,
+        "versions": measurement.versions(backend),
+        "device": measurement.device(backend),
+        "environment": measurement.speed_environment(),
+        "sacrebleu": score_signatures(),
+    }
+    target = path(args, "environment.json")
+    known = read_json(target, [])
+    if current not in known:
+        write_json(target, [*known, current])
 
 
 # -- pre-training -------------------------------------------------------------
@@ -98,6 +101,13 @@ def pretrain(args):
         path(args, "pretrain"),
         patience=args.patience,
     )
+    if finite_or_inf(record["best_val_perplexity"]) == math.inf:
+        raise RuntimeError(
+            "pre-training never reached a finite validation perplexity at "
+            f"--pretrain-learning-rate {args.pretrain_learning_rate:g}: it "
+            "diverged. Start again with a lower rate, in a new --output-dir "
+            f"(or delete {args.output_dir})."
+        )
     record["forgetting_row"] = forgetting_row(args, model, preprocessor, split)
     record.update(final_scores(args, model, preprocessor, split))
     _save_model(model, path(args, "pretrained.keras"))
@@ -130,7 +140,7 @@ def select_learning_rate(args, method):
     while True:
         for rate in rates:
             if rate not in tried:
-                tried[rate] = _chunk_fit(args, method, 0, 1, rate)["best"]
+                tried[rate] = chunk_fit(args, method, 0, 1, rate)["best"]
         best = min(tried, key=lambda r: finite_or_inf(tried[r]))
         if finite_or_inf(tried[best]) == math.inf:
             raise RuntimeError(
@@ -174,7 +184,7 @@ def chosen_rate(args, arm):
     ]
 
 
-def _chunk_fit(args, arm, seed_index, chunk, rate, start_weights=None):
+def chunk_fit(args, arm, seed_index, chunk, rate, start_weights=None):
     """One arm learning one chunk from `start_weights` (default: the
     pre-trained model); resumable. Seed 0's first chunk is the learning-rate
     trial of the chosen rate itself. Returns the fit's record and the
@@ -288,13 +298,9 @@ def run_arm(args, arm, seed_index):
             chunks.append(read_json(done_path))
             start = after
             continue
-        fit = _chunk_fit(args, arm, seed_index, chunk, rate, start)
+        fit = chunk_fit(args, arm, seed_index, chunk, rate, start)
         if finite_or_inf(fit["best"]) == math.inf:
-            raise RuntimeError(
-                f"{arm}, seed {seed_index}, chunk {chunk}: no epoch reached a "
-                f"finite validation perplexity at rate {rate:.3g} (the fit "
-                f"diverged; its record: {fit['directory']}/fit.json)"
-            )
+            return _diverged(args, arm, seed_index, rate, chunks, fit)
         model = fit["model"]
         row = forgetting_row(args, model, fit["preprocessor"], fit["split"])
         if "targets" in arm_spec(arm):  # the increment's adapter, served later
@@ -328,12 +334,7 @@ def run_arm(args, arm, seed_index):
             else model
         )
         _save_model(base, os.path.join(directory, "final.keras"))
-    # Trainable while learning a chunk: the adapter, or every weight.
-    trainable = (
-        keras_rnn_lora.lora_summary(model, print_fn=None)["lora"]
-        if lora_arm
-        else keras_rnn_lora.count_parameters(model.trainable_weights)
-    )
+    trainable = _trainable(arm, model)
     write_json(
         result_path,
         {
@@ -344,6 +345,52 @@ def run_arm(args, arm, seed_index):
             "total_params": keras_rnn_lora.count_parameters(model.weights),
             "chunks": chunks,
             **scores,
+        },
+    )
+
+
+def _trainable(arm, model):
+    """What learns a chunk: the adapter, or every trainable weight."""
+    import keras_rnn_lora
+
+    if "targets" in arm_spec(arm):
+        return keras_rnn_lora.lora_summary(model, print_fn=None)["lora"]
+    return keras_rnn_lora.count_parameters(model.trainable_weights)
+
+
+def _diverged(args, arm, seed_index, rate, chunks, fit):
+    """A chunk whose fit never had a finite validation perplexity ends its
+    arm's seed there: the seed's result records the fit, and every figure
+    from that chunk on as not finite (NaN), so the report counts the seed
+    as diverged and the run goes on with the other arms and seeds."""
+    import keras_rnn_lora
+
+    chunk = len(chunks) + 1
+    print(
+        f"{arm}, seed {seed_index}, chunk {chunk}: no epoch reached a finite "
+        f"validation perplexity at rate {rate:.3g}; the seed is recorded as "
+        f"diverged (the fit's record: {fit['directory']}/fit.json)",
+        flush=True,
+    )
+    nan = float("nan")
+    parts = read_json(path(args, "pretrain.json"))["forgetting_row"]
+    row = dict.fromkeys(parts, nan)
+    record = {k: fit[k] for k in fit if k not in _LIVE}
+    later = [{"forgetting_row": row} for _ in range(chunk, args.increments)]
+    model = fit["model"]
+    write_json(
+        path(args, "seeds", str(seed_index), arm, "result.json"),
+        {
+            "arm": arm,
+            "seed": seed_index,
+            "learning_rate": rate,
+            "trainable_params": _trainable(arm, model),
+            "total_params": keras_rnn_lora.count_parameters(model.weights),
+            "diverged_at_chunk": chunk,
+            "chunks": [*chunks, {**record, "forgetting_row": row}, *later],
+            **dict.fromkeys(("test_perplexity", "test_bleu", "test_chrf"), nan),
+            "heldout_initial_bleu": nan,
+            "sentences": {},
         },
     )
 

@@ -94,8 +94,12 @@ def collect(args, split_sizes):
         "equal_quality": equal_quality(arms),
         "ablation": ablation,
         "paper": PAPER,
-        "provenance": read_json(os.path.join(out, "environment.json")),
     }
+    # What the run started under, and what a resumed part ran under where
+    # that differed.
+    environments = read_json(os.path.join(out, "environment.json"), [])
+    results["provenance"] = environments[0] if environments else None
+    results["resumed_under"] = environments[1:]
     results["reductions"] = reductions(arms)
     return results
 
@@ -171,6 +175,13 @@ def summary(values):
     }
 
 
+def _finite_mean(values):
+    """The mean of the finite `values` (a diverged seed's are not); NaN if
+    there is none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
 def aggregate(arm, seeds, pretrain, timing, memory):
     """One arm's figures over its `seeds` (result records) and its `memory`
     samples (`costs.memory_probe` records)."""
@@ -188,7 +199,7 @@ def aggregate(arm, seeds, pretrain, timing, memory):
     ]
     matrix = [
         {
-            part: statistics.fmean(
+            part: _finite_mean(
                 s["chunks"][i]["forgetting_row"][part] for s in seeds
             )
             for part in base_row
@@ -377,7 +388,12 @@ def reductions(arms):
     ratio = lora["step_time_ratio"]
     time = None
     if ratio:
-        time = {k: 1 - ratio[k] for k in ("median", "min", "max")}
+        # The largest ratio is the smallest reduction.
+        time = {
+            "median": 1 - ratio["median"],
+            "min": 1 - ratio["max"],
+            "max": 1 - ratio["min"],
+        }
     memory = None
     if lora["memory_increment_mb"] and full["memory_increment_mb"]:
         memory = (
@@ -645,8 +661,8 @@ def _paper_table(results):
     time_text = (
         "not measured"
         if time is None
-        else f"{100 * time['median']:.1f}% [{100 * time['max']:.1f}%, "
-        f"{100 * time['min']:.1f}%]"
+        else f"{100 * time['median']:.1f}% [{100 * time['min']:.1f}%, "
+        f"{100 * time['max']:.1f}%]"
     )
     return [
         "",
@@ -700,7 +716,7 @@ def _forgetting_tables(results):
         for name, row in rows:
             lines.append(
                 f"| {name} | "
-                + " | ".join(f"{row[p]:.2f}" for p in parts)
+                + " | ".join(_perplexity(row[p]) for p in parts)
                 + " |"
             )
     return lines
@@ -729,8 +745,8 @@ def _rate_table(results):
 
 
 def _perplexity(value):
-    """A fit's best validation perplexity, or "diverged" where it had no
-    finite one."""
+    """A perplexity, or "diverged" where it is not finite (a fit that had
+    no finite one, or the mean over seeds that all diverged)."""
     if value is None or not math.isfinite(value):
         return "diverged"
     return f"{value:.2f}"
@@ -741,7 +757,11 @@ def _translations(results):
     for sentence in SENTENCES:
         lines.append(f"- *{sentence}*")
         for arm, r in results["arms"].items():
-            lines.append(f"  - {arm}: {r['sentences'].get(sentence, '')}")
+            if "diverged_at_chunk" in r["seeds"][0]:
+                text = "(diverged)"
+            else:
+                text = r["sentences"].get(sentence, "")
+            lines.append(f"  - {arm}: {text}")
     return lines
 
 
@@ -758,7 +778,8 @@ def _ablation_table(results):
         "mean ± std; first ranks and target sets, then the variants at the "
         "best target set, then LoRA alpha and dropout at the best point. "
         "Share of the gain: (control - point) / (control - full) in "
-        "validation perplexity after the last chunk, per seed. Step time: "
+        "validation perplexity after the last chunk, of the means over "
+        "seeds. Step time: "
         "interleaved with `full` in a timing run of its own.",
         "",
         "| point | targets | rank | variant | alpha | LoRA dropout | "
@@ -779,7 +800,12 @@ def _ablation_table(results):
             f"| {'-' if share is None else f'{share:.2f}'} | "
             f"{fmt(p['test_perplexity'])} | {fmt(p['test_bleu'])} |"
         )
-    best = min(points, key=lambda n: points[n]["val_perplexity"]["mean"])
+
+    def chosen_on(name):  # as the stages choose: a diverged seed ranks last
+        stat = points[name]["val_perplexity"]
+        return math.inf if stat.get("diverged") else stat["mean"]
+
+    best = min(points, key=chosen_on)
     p = points[best]
     share = p.get("gain_share")
     lines += [
@@ -818,8 +844,11 @@ def _limits(results):
             f"{', '.join(export['adapters'])}; a request naming none gets "
             f"{export['default_adapter']}.",
         ]
-    run = results.get("provenance")
-    if run:
+    environments = [
+        results.get("provenance"),
+        *results.get("resumed_under", []),
+    ]
+    for i, run in enumerate(e for e in environments if e):
         device = run["device"]
         gpus = ", ".join(device["gpus"]) or "no GPU"
         code = (run["commit"] or "no git checkout")[:12]
@@ -830,7 +859,8 @@ def _limits(results):
         settings = "".join(f"; {k}={v}" for k, v in settings.items())
         lines += [
             "",
-            f"Run: {run['backend']} on {device['cpu']} "
+            ("Run: " if i == 0 else "Resumed under: ")
+            + f"{run['backend']} on {device['cpu']} "
             f"({device['cpu_count']} cores; {gpus}); code {code}; "
             f"{versions}{settings}. sacrebleu: BLEU "
             f"{run['sacrebleu']['bleu']}, chrF {run['sacrebleu']['chrf']}.",

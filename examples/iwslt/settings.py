@@ -128,7 +128,7 @@ ARMS = {
     "control": {
         "method": "full",
         "about": "`full` on as many pairs of the initial data instead of "
-        "each chunk: what more training alone gives",
+        "each chunk's new pairs",
         "data": "initial",
     },
     "frozen": {"method": None, "about": "no update: the pre-trained model"},

@@ -119,7 +119,7 @@ def test_each_stage_is_chosen_from_the_finished_one_before(tmp_path):
     assert ablation.points(args) == first + variants + last
     assert ablation.validation(args, best) == pytest.approx(57.5)  # 2 seeds
     # More seeds later: the same points (the choices are kept), more runs.
-    more = parse("--output-dir", str(tmp_path), "--seeds", "3")
+    more = parse("--output-dir", str(tmp_path), "--ablation-seeds", "3")
     assert ablation.validation(more, best) is None
     assert ablation.points(more) == first + variants + last
 

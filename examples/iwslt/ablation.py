@@ -4,7 +4,7 @@ at what cost.
 Every point is an arm of its own, run exactly as the main arms are: its
 own learning-rate grid on the first chunk (extended past an edge that
 wins), every chunk in turn with the same schedule and early stopping,
-merging after each, at least `ABLATION_SEEDS` seeds (`full` and `control`
+merging after each, over `--ablation-seeds` seeds (`full` and `control`
 too, for the share of the gain). In three stages, each chosen from the
 figures of the one before (validation perplexity after the last chunk,
 mean over seeds):
@@ -32,7 +32,6 @@ from iwslt.jobs import path
 from iwslt.settings import ABLATION_ALPHAS
 from iwslt.settings import ABLATION_DROPOUTS
 from iwslt.settings import ABLATION_RANKS
-from iwslt.settings import ABLATION_SEEDS
 from iwslt.settings import ABLATION_TARGETS
 from iwslt.settings import ABLATION_VARIANTS
 from iwslt.settings import ablation_point
@@ -41,7 +40,7 @@ from iwslt.settings import buildable
 
 def seeds(args):
     """Seeds of every ablation point, and of `full` and `control`."""
-    return max(args.seeds, ABLATION_SEEDS)
+    return args.ablation_seeds
 
 
 def aliases(args):

@@ -37,6 +37,9 @@ DEFAULTS = {
     "plateau_factor": 0.5,
     "increments": 2,  # chunks the new data arrives in
     "seeds": 1,  # repetitions of the incremental phase (README: 3)
+    # `--ablation`: seeds of every point (and of `full` and `control`, for
+    # the share of the gain), whatever `--seeds` is: two give a spread.
+    "ablation_seeds": 2,
     "timing_rounds": 7,  # rounds of the interleaved step timing
     "memory_samples": 3,  # fresh processes per arm measuring peak memory
 }
@@ -93,6 +96,7 @@ SETTING_TYPES = {
     "plateau_factor": float,
     "increments": int,
     "seeds": int,
+    "ablation_seeds": int,
     "timing_rounds": int,
     "memory_samples": int,
     "embedding_dim": int,
@@ -152,10 +156,9 @@ GRID_FACTOR = 3.0
 GRID_EXTENSIONS = 2
 # `--ablation`: which LoRA closes the gap to full fine-tuning, at what
 # cost, each point an arm of its own under the same protocol (its own rate
-# grid, every chunk, early stopping, `ABLATION_SEEDS` seeds at least). A
+# grid, every chunk, early stopping, `--ablation-seeds` seeds). A
 # point's name says what it is: `<targets>_r<rank>[_<variant>][_a<alpha>]
 # [_d<dropout>]`, e.g. `rec_r16`, `in+rec+dense_r8_dora`.
-ABLATION_SEEDS = 2
 ABLATION_RANKS = (4, 8, 16, 32, 64)  # on the recurrent kernels
 ABLATION_TARGETS = {  # at `--rank`
     "rec": ("recurrent",),
@@ -325,6 +328,7 @@ class Settings:
     plateau_factor: float
     increments: int
     seeds: int
+    ablation_seeds: int
     timing_rounds: int
     memory_samples: int
     embedding_dim: int
@@ -443,6 +447,7 @@ def _check(parser, args):
         "eval_pairs": 1,
         "increments": 1,
         "seeds": 1,
+        "ablation_seeds": 1,
         "patience": 1,
         "update_patience": 1,
         "timing_rounds": 1,
@@ -525,14 +530,15 @@ def run_key(args, data_fingerprint):
     """A fingerprint of everything that changes results: the settings, the
     content of the data and the code (`code_fingerprint`), so a resumed run
     only reuses work made from the same settings, data and code. (`--seeds`,
-    `--arms` and `--ablation` add work without changing what is done, so
-    they are not in it; `--multi-worker` is, when given.)"""
+    `--ablation-seeds`, `--arms` and `--ablation` add work without changing
+    what is done, so they are not in it; `--multi-worker` is, when given.)"""
     skip = {
         "data_dir",
         "output_dir",
         "export_dir",
         "arms",
         "seeds",
+        "ablation_seeds",
         "ablation",
         "timing_rounds",
         "memory_samples",

@@ -409,3 +409,11 @@ def test_a_diverged_learning_rate_trial_is_named_in_the_report():
     assert (
         "| lora | 0.01: diverged, 0.03: 216.50, 0.09: diverged | 0.03 |" in text
     )
+
+
+def test_an_empty_or_diverged_translation_is_named():
+    results = report_results()
+    results["arms"]["lora"]["seeds"][0]["diverged_at_chunk"] = 2
+    text = report.markdown(results)
+    assert "  - full: (empty)\n" in text  # no sentence of the report
+    assert "  - lora: (diverged)\n" in text

@@ -760,7 +760,7 @@ def _translations(results):
             if "diverged_at_chunk" in r["seeds"][0]:
                 text = "(diverged)"
             else:
-                text = r["sentences"].get(sentence, "")
+                text = r["sentences"].get(sentence) or "(empty)"
             lines.append(f"  - {arm}: {text}")
     return lines
 

@@ -54,6 +54,24 @@ def test_a_plateau_halves_the_rate_and_early_stopping_ends_the_fit(tmp_path):
     assert record["epoch_cap"] == 10 and record["patience"] == 2
 
 
+def test_a_longer_patience_waits_longer_before_halving(tmp_path):
+    """Patience 4: the rate is halved after 2 epochs without a better one,
+    so a single noisy epoch does not cut it, and the fit tries the lower
+    rate before early stopping ends it."""
+    record = fit(tmp_path, epochs=20, patience=4)
+    assert record["epochs_run"] == 5 and record["plateau_patience"] == 2
+    assert record["learning_rate_curve"] == pytest.approx(
+        [1e-3, 1e-3, 1e-3, 5e-4, 5e-4]
+    )
+    assert [arms.plateau_patience(p) for p in (1, 2, 3, 4, 5)] == [
+        1,
+        1,
+        1,
+        2,
+        2,
+    ]
+
+
 def test_a_fit_ended_by_its_cap_says_so(tmp_path):
     assert fit(tmp_path / "a", epochs=2, patience=2)["stopped"] == "cap"
     # Early stopping on the cap's last epoch is early stopping.

@@ -377,10 +377,14 @@ def test_the_report_names_the_schedule_and_its_reductions():
     ]
     text = report.markdown(results)
     assert (
-        "its learning rate multiplied by 0.5 after every epoch that does "
-        "not improve validation perplexity: early stopping ended it after "
+        "the learning rate multiplied by 0.5 after 1 epoch without a "
+        "better validation perplexity: early stopping ended it after "
         "epoch 20, 3 epochs after its best, epoch 17; the learning rate was "
         "reduced 4 times, to 0.000125 in the last epoch" in text
+    )
+    results["settings"]["patience"] = 4  # half of it, to a halving
+    assert "multiplied by 0.5 after 2 epochs without" in report.markdown(
+        results
     )
     assert "early stopping 2 epochs after the best" in text
 

@@ -2,8 +2,8 @@
 
 Every arm starts from the same pre-trained translator. `fit_chunk` trains
 it on one chunk with `BackupAndRestore` (a killed fit resumes after its
-last finished epoch), halves its learning rate after an epoch that does
-not improve validation perplexity, stops `patience` epochs after its best
+last finished epoch), halves its learning rate after half its patience
+without a better validation perplexity, stops `patience` epochs after its best
 epoch, keeps that epoch's weights (restored at the end: each arm is
 evaluated at its best epoch) and logs every epoch's wall time, steps,
 learning rate and validation perplexity, all persisted beside the
@@ -124,10 +124,19 @@ class EpochLog:
         write_json(self.path, {**self.values, "processes": self.processes})
 
 
-def plateau_schedule(directory, factor):
-    """Keras' `ReduceLROnPlateau` on validation perplexity (patience 1:
-    the rate is multiplied by `factor` after every epoch that does not
-    improve on the best), its state persisted per epoch beside the fit's
+def plateau_patience(patience):
+    """Epochs without a better validation perplexity after which a fit
+    that early stopping ends `patience` epochs after its best reduces its
+    learning rate: half of them (at least 1), so the fit tries the lower
+    rate before it stops, and one noisy epoch does not cut the rate of a
+    long fit."""
+    return max(1, patience // 2)
+
+
+def plateau_schedule(directory, factor, patience=1):
+    """Keras' `ReduceLROnPlateau` on validation perplexity: the rate is
+    multiplied by `factor` after `patience` epochs in a row that do not
+    improve on the best, its state persisted per epoch beside the fit's
     checkpoint so that a resumed fit goes on as the killed one would have.
     `None` when `factor` is 1 (a constant rate)."""
     if factor >= 1.0:
@@ -161,7 +170,7 @@ def plateau_schedule(directory, factor):
         monitor="val_perplexity",
         mode="min",
         factor=factor,
-        patience=1,
+        patience=patience,
         min_delta=0.0,
     )
 
@@ -229,15 +238,18 @@ def atomic_backup(directory):
 
 def fit_chunk(args, model, train, validation, epochs, directory, patience):
     """Trains `model` on `train` (batches) for at most `epochs` (the cap),
-    halving the learning rate on a plateau (`args.plateau_factor`) and
-    stopping `patience` epochs after the best, resumable, ending on its
+    multiplying the learning rate by `args.plateau_factor` on a plateau
+    (`plateau_patience`) and stopping `patience` epochs after the best,
+    resumable, ending on its
     best-validation epoch. Returns the record of the fit; its `stopped`
     says what ended it: "early stopping" or "cap"."""
 
     os.makedirs(directory, exist_ok=True)
     log = EpochLog(os.path.join(directory, "epochs.json"))
     best = BestEpoch(directory, patience)
-    schedule = plateau_schedule(directory, args.plateau_factor)
+    schedule = plateau_schedule(
+        directory, args.plateau_factor, plateau_patience(patience or 1)
+    )
     seen = best.state().get("seen")
     if seen is not None and (seen + 1 >= epochs or best.ended(seen)):
         # It had ended (killed before its caller saved what followed): the
@@ -277,6 +289,7 @@ def _record(log, best, epochs, patience):
         "epochs_run": ran,
         "epoch_cap": epochs,
         "patience": patience,
+        "plateau_patience": plateau_patience(patience or 1),
         # Early stopping ends a fit before its cap, or on the cap's last
         # epoch when that epoch is `patience` after the best.
         "stopped": "early stopping"

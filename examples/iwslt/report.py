@@ -12,6 +12,7 @@ import statistics
 
 from iwslt import costs
 from iwslt import plots
+from iwslt.arms import plateau_patience
 from iwslt.arms import read_json
 from iwslt.paths import recorded_settings
 from iwslt.settings import PAPER
@@ -459,17 +460,22 @@ def markdown(results):
     pre, data = results["pretrained"], results["data"]
     chunks = data["chunks"]
     factor = s.get("plateau_factor", 1.0)
-    schedule = (
-        f"its learning rate multiplied by {factor:g} after every epoch that "
-        "does not improve validation perplexity"
-        if factor < 1.0
-        else "a constant learning rate"
-    )
+
+    def schedule(patience):
+        if factor >= 1.0:
+            return "a constant learning rate"
+        wait = plateau_patience(patience)
+        return (
+            f"the learning rate multiplied by {factor:g} after "
+            f"{_plural(wait, 'epoch')} without a better validation perplexity"
+        )
+
     lines = [
         "# IWSLT 2017 en-de: LoRA against full fine-tuning, data arriving "
         f"in {len(chunks)} chunks ({results['backend']} backend)",
         "",
-        f"Pre-trained on {data['initial']:,} pairs, {schedule}: "
+        f"Pre-trained on {data['initial']:,} pairs, "
+        f"{schedule(s['patience'])}: "
         f"{_stopping(results)} (validation perplexity "
         f"{pre['forgetting_row']['validation']:.2f}, test perplexity "
         f"{pre['test_perplexity']:.2f}, BLEU {pre['test_bleu']:.2f}). Then "
@@ -478,7 +484,8 @@ def markdown(results):
         "one after another (the control arm as many initial pairs instead) "
         "from the same pre-trained weights, at its own learning rate (chosen "
         "on validation perplexity on the first chunk), "
-        f"each chunk with the same schedule, at most {s['update_epochs']} "
+        f"each chunk with {schedule(s['update_patience'])}, at most "
+        f"{s['update_epochs']} "
         f"epochs and early stopping {_plural(s['update_patience'], 'epoch')} "
         "after the best, keeping the best validation epoch; LoRA arms merge "
         "their adapter into the base after each chunk and start a fresh one "

@@ -29,11 +29,13 @@ DEFAULTS = {
     # Every fit (pre-training and each arm's chunks) ends this many epochs
     # after its best validation epoch; its cap (`pretrain_epochs`,
     # `update_epochs`) is set so that early stopping, not the cap, ends it.
-    "patience": 3,  # pre-training
+    "patience": 4,  # pre-training
     "update_patience": 2,  # each chunk, the same for every arm
-    # Every fit halves its learning rate after an epoch that does not
-    # improve validation perplexity (Keras' ReduceLROnPlateau, patience 1),
-    # so it settles at its optimum before early stopping ends it.
+    # Every fit halves its learning rate after half its patience without a
+    # better validation perplexity (Keras' ReduceLROnPlateau; pre-training
+    # 2 epochs, a chunk 1: `arms.plateau_patience`), so it settles at its
+    # optimum before early stopping ends it, and one noisy epoch does not
+    # cut a long fit's rate.
     "plateau_factor": 0.5,
     "increments": 2,  # chunks the new data arrives in
     "seeds": 1,  # repetitions of the incremental phase (README: 3)
@@ -50,7 +52,7 @@ PRESETS = {
         "units": 256,
         "dropout": 0.3,
         "rank": 8,
-        "pretrain_epochs": 60,  # a cap: early stopping ends it
+        "pretrain_epochs": 100,  # a cap: early stopping ends it
         "pretrain_learning_rate": 2e-3,
         "update_epochs": 30,  # per chunk, a cap; the best epoch is kept
     },

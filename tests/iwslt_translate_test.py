@@ -480,6 +480,7 @@ def test_run_key_follows_the_data_content(tmp_path):
         (["--pretrain-learning-rate", "-0.1"], "must be finite"),
         (["--vocab-size", "3"], "--vocab-size must be at least 8"),
         (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--ablation-seeds", "0"], "--ablation-seeds must be at least 1"),
         (["--increments", "0"], "--increments must be at least 1"),
         (["--dropout", "1.0"], "--dropout must lie in [0, 1)"),
     ],

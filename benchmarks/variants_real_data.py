@@ -391,7 +391,8 @@ def next_grid(tried, grid, extensions):
     scores = {r: t["best_val_perplexity"] for r, t in tried.items()}
     best = min(scores, key=scores.get)
     edge = best in (min(scores), max(scores)) and len(scores) > 1
-    if extensions is None or extensions >= settings.GRID_EXTENSIONS or not edge:
+    limit = settings.DEFAULTS["grid_extensions"]
+    if extensions is None or extensions >= limit or not edge:
         return None
     factor = settings.GRID_FACTOR
     rate = best / factor if best == min(scores) else best * factor

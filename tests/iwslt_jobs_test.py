@@ -126,3 +126,70 @@ def test_each_distinct_invocation_is_recorded(tmp_path, monkeypatch):
     assert "XLA_FLAGS" not in recorded[0]["environment"]
     assert recorded[1]["environment"]["XLA_FLAGS"].startswith("--xla")
     assert recorded[0]["backend"] == keras.backend.backend()
+
+
+@pytest.mark.parametrize(
+    "extensions, tried, chosen",
+    [
+        # 3e-2 wins at the top edge: 9e-2, then 0.27, then the cap.
+        (2, [1e-2, 3e-2, 9e-2, 0.27], 0.27),
+        (1, [1e-2, 3e-2, 9e-2], 9e-2),
+        (0, [1e-2, 3e-2], 3e-2),
+    ],
+)
+def test_the_grid_extends_past_a_winning_edge_as_often_as_asked(
+    tmp_path, monkeypatch, extensions, tried, chosen
+):
+    """Validation perplexity falls with the rate: each extension tries the
+    winning edge times the factor, `--grid-extensions` times at most; the
+    choice records every rate tried and only the chosen trial's weights
+    stay."""
+    args = types.SimpleNamespace(
+        output_dir=str(tmp_path),
+        grids={"lora": (1e-2, 3e-2)},
+        smoke=False,
+        grid_extensions=extensions,
+    )
+    calls = []
+
+    def fit(args, method, seed_index, chunk, rate, start=None):
+        calls.append(rate)
+        trial = tmp_path / "learning_rates" / method / f"{rate:.3g}"
+        trial.mkdir(parents=True, exist_ok=True)
+        (trial / "best.weights.h5").write_bytes(b"weights")
+        return {"best": 100.0 - 100 * rate}
+
+    monkeypatch.setattr(jobs, "chunk_fit", fit)
+    jobs.select_learning_rate(args, "lora")
+    assert calls == pytest.approx(tried)
+    choice_path = tmp_path / "learning_rates" / "lora" / "choice.json"
+    choice = json.loads(choice_path.read_text())
+    assert choice["chosen"] == pytest.approx(chosen)
+    assert choice["extensions"] == len(tried) - 2
+    assert len(choice["validation_perplexity"]) == len(tried)
+    kept = choice_path.parent.glob("*/best.weights.h5")
+    assert [p.parent.name for p in kept] == [f"{chosen:.3g}"]
+    jobs.select_learning_rate(args, "lora")  # chosen: nothing runs again
+    assert len(calls) == len(tried)
+
+
+def test_an_interior_winner_ends_the_grid(tmp_path, monkeypatch):
+    args = types.SimpleNamespace(
+        output_dir=str(tmp_path),
+        grids={"full": (3e-4, 1e-3, 3e-3)},
+        smoke=False,
+        grid_extensions=2,
+    )
+    monkeypatch.setattr(
+        jobs,
+        "chunk_fit",
+        lambda args, method, seed, chunk, rate, start=None: {
+            "best": abs(rate - 1e-3) + 50.0
+        },
+    )
+    jobs.select_learning_rate(args, "full")
+    choice = json.loads(
+        (tmp_path / "learning_rates" / "full" / "choice.json").read_text()
+    )
+    assert choice["chosen"] == pytest.approx(1e-3)
+    assert choice["extensions"] == 0

@@ -81,11 +81,25 @@ def test_killed_runs_resume_and_report_what_was_measured(tmp_path):
     assert os.listdir(tmp_path / "export" / "iwslt_en_de") == ["1"]
     # What a setting outside the run key changes is done again: the export
     # to a new --export-dir, the timing with other --timing-rounds.
+    # Killed, too, after pre-training saved its model but before its
+    # record (written last, the mark that it is done): pre-training is
+    # measured again without a step of training, to the same record.
+    record = json.loads((out / "pretrain.json").read_text())
+    (out / "pretrain.json").unlink()
     changed = run(
         [*args, "--export-dir", "export2", "--timing-rounds", "3"],
         cwd=tmp_path,
     )
     assert changed.returncode == 0, changed.stderr[-3000:]
+    before_report = changed.stdout.split("# IWSLT")[0]
+    assert "== Pre-training" in before_report
+    assert "Epoch" not in before_report
+    again_record = json.loads((out / "pretrain.json").read_text())
+    for key in ("best_epoch", "best_val_perplexity", "epochs_run", "stopped"):
+        assert again_record[key] == record[key], key
+    assert again_record["test_perplexity"] == pytest.approx(
+        record["test_perplexity"], rel=1e-5
+    )
     assert "Reusing the export" not in changed.stdout
     assert os.listdir(tmp_path / "export2" / "iwslt_en_de") == ["1"]
     results = json.loads((out / "results.json").read_text())

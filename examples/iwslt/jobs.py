@@ -24,7 +24,6 @@ from iwslt.evaluate import final_scores
 from iwslt.evaluate import forgetting_row
 from iwslt.increments import adapter_path
 from iwslt.paths import REPOSITORY
-from iwslt.settings import GRID_EXTENSIONS
 from iwslt.settings import GRID_FACTOR
 from iwslt.settings import arm_spec
 from iwslt.settings import grid
@@ -130,7 +129,8 @@ def _trial_dir(args, method, rate):
 def select_learning_rate(args, method):
     """Tries the method's grid on the first chunk (seed 0) and keeps the
     rate with the best validation perplexity; extends the grid past an edge
-    that wins (see `settings.LEARNING_RATE_GRIDS`, `settings.grid`)."""
+    that wins, `--grid-extensions` times at most (see
+    `settings.LEARNING_RATE_GRIDS`, `settings.grid`)."""
     choice_path = path(args, "learning_rates", method, "choice.json")
     if os.path.exists(choice_path):
         return
@@ -149,7 +149,7 @@ def select_learning_rate(args, method):
                 "diverged. Try lower rates (settings.LEARNING_RATE_GRIDS)."
             )
         lowest, highest = min(tried), max(tried)
-        if extensions >= GRID_EXTENSIONS or best not in (lowest, highest):
+        if extensions >= args.grid_extensions or best not in (lowest, highest):
             break
         extensions += 1
         rates.append(

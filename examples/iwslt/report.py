@@ -730,10 +730,16 @@ def _forgetting_tables(results):
 
 
 def _rate_table(results):
+    extensions = results["settings"].get("grid_extensions", 0)
+    rule = (
+        f"the grid extends past an edge that wins, {extensions} time(s) at most"
+        if extensions
+        else "the grid is not extended"
+    )
     lines = [
         "",
         "Learning rates (validation perplexity after learning the first "
-        "chunk, seed 0; the grid extends past an edge that wins):",
+        f"chunk, seed 0; {rule}):",
         "",
         "| method | rates tried: validation perplexity | chosen |",
         "|---|---|---:|",

@@ -42,6 +42,10 @@ DEFAULTS = {
     # `--ablation`: seeds of every point (and of `full` and `control`, for
     # the share of the gain), whatever `--seeds` is: two give a spread.
     "ablation_seeds": 2,
+    # Times a method's learning-rate grid is extended past a winning edge
+    # (`LEARNING_RATE_GRIDS`); `--smoke`: none, its fits are too short to
+    # tell rates apart.
+    "grid_extensions": 2,  # benchmarks/variants_real_data.py's too
     "timing_rounds": 7,  # rounds of the interleaved step timing
     "memory_samples": 3,  # fresh processes per arm measuring peak memory
 }
@@ -81,6 +85,7 @@ SMOKE = {
     "pretrain_epochs": 2,
     "update_epochs": 2,
     "update_patience": 1,
+    "grid_extensions": 0,
     "timing_rounds": 2,
     "memory_samples": 1,
 }
@@ -99,6 +104,7 @@ SETTING_TYPES = {
     "increments": int,
     "seeds": int,
     "ablation_seeds": int,
+    "grid_extensions": int,
     "timing_rounds": int,
     "memory_samples": int,
     "embedding_dim": int,
@@ -144,8 +150,8 @@ DEFAULT_ARMS = "full,lora,lora_kernel,lora_bf16,control,frozen"
 # validation perplexity (`lora_bf16` too: its base rounds differently).
 # Each grid spans both directions around a prior (the rate an earlier run
 # of this job chose at this size); if the best rate is at an edge, the grid
-# is extended by the same factor (`GRID_EXTENSIONS` times at most), so the
-# choice is an interior optimum.
+# is extended by the same factor (`--grid-extensions` times at most), so
+# the choice is an interior optimum.
 LEARNING_RATE_GRIDS = {
     "full": (3e-4, 1e-3, 3e-3),
     "lora": (1e-3, 3e-3, 1e-2),
@@ -155,7 +161,6 @@ LEARNING_RATE_GRIDS = {
 SMOKE_GRIDS = {"full": (1e-3, 3e-3), "lora": (1e-2, 3e-2)}
 SMOKE_GRIDS["lora_kernel"] = SMOKE_GRIDS["lora_bf16"] = SMOKE_GRIDS["lora"]
 GRID_FACTOR = 3.0
-GRID_EXTENSIONS = 2
 # `--ablation`: which LoRA closes the gap to full fine-tuning, at what
 # cost, each point an arm of its own under the same protocol (its own rate
 # grid, every chunk, early stopping, `--ablation-seeds` seeds). A
@@ -331,6 +336,7 @@ class Settings:
     increments: int
     seeds: int
     ablation_seeds: int
+    grid_extensions: int
     timing_rounds: int
     memory_samples: int
     embedding_dim: int
@@ -450,6 +456,7 @@ def _check(parser, args):
         "increments": 1,
         "seeds": 1,
         "ablation_seeds": 1,
+        "grid_extensions": 0,
         "patience": 1,
         "update_patience": 1,
         "timing_rounds": 1,

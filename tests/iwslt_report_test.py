@@ -421,3 +421,14 @@ def test_an_empty_or_diverged_translation_is_named():
     text = report.markdown(results)
     assert "  - full: (empty)\n" in text  # no sentence of the report
     assert "  - lora: (diverged)\n" in text
+
+
+def test_a_run_of_the_frozen_arm_alone_measures_no_cost():
+    """`--arms frozen`: the report said costs were the median of "0
+    rounds" over "no fresh processes", above an empty table."""
+    results = report_results()
+    frozen = report.aggregate("frozen", [seed_result(110.0)], PRETRAIN, {}, [])
+    results.update(arms={"frozen": frozen}, timing={}, reductions={})
+    text = report.markdown(results)
+    assert "Costs: no arm of this run trains; none are measured." in text
+    assert "0 rounds" not in text and "| step ms |" not in text

@@ -540,6 +540,8 @@ def _cost_table(results):
     trains."""
     quality = results.get("equal_quality") or {"arms": {}}
     timing = results["timing"]
+    if all(arm == "frozen" for arm in results["arms"]):
+        return ["", "Costs: no arm of this run trains; none are measured."]
     samples = {
         r["peak_rss_mb"]["n"]
         for r in results["arms"].values()

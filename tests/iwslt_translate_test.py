@@ -17,12 +17,14 @@ from main_job import only_relative_paths
 from main_job import run
 from main_job import smoke_args
 
-# Every arm on TensorFlow; elsewhere every arm but `lora_kernel`, which
-# differs from `lora` only in the kernels the library adapts (tested on
-# every backend): the smoke run's fits are CI's slowest part.
+# Every arm on TensorFlow; elsewhere `full`, `lora` and the two that
+# compare against them. `lora_kernel` and `lora_bf16` differ from `lora`
+# in what the library adapts and stores (tested on every backend) and in
+# how the export serves them (a TensorFlow SavedModel): the smoke run's
+# fits are CI's slowest part.
 SMOKE_ARMS = ("full", "lora", "lora_kernel", "lora_bf16", "control", "frozen")
 if keras.backend.backend() != "tensorflow":
-    SMOKE_ARMS = tuple(a for a in SMOKE_ARMS if a != "lora_kernel")
+    SMOKE_ARMS = ("full", "lora", "control", "frozen")
 LORA_ARMS = [a for a in SMOKE_ARMS if a.startswith("lora")]
 MERGING_ARMS = [a for a in ("lora", "lora_kernel") if a in SMOKE_ARMS]
 
@@ -275,6 +277,11 @@ def arm_copy(smoke_run, tmp_path, arm):
     return args, copy / "seeds" / "0" / arm
 
 
+@pytest.mark.skipif(
+    "lora_bf16" not in SMOKE_ARMS,
+    reason="the export's check of an unmerged arm's files is the same on "
+    "every backend; the arm runs in the TensorFlow smoke run",
+)
 def test_the_export_refuses_an_unmerged_arms_chunks_swapped(
     smoke_run, tmp_path
 ):

@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_text as tf_text
 
 from keras_rnn_lora import files
+from keras_rnn_lora.checks import check_positive_int
 from keras_rnn_lora.translation.sentencepiece_models import DEFAULT_VOCAB_SIZE
 from keras_rnn_lora.translation.sentencepiece_models import train_sentencepiece
 from keras_rnn_lora.translation.tokens import END_ID
@@ -276,9 +277,13 @@ class TranslationPreprocessor(tf.Module):
 
         Yields `((encoder_tokens, decoder_inputs), decoder_targets)`, int32,
         padded with 0. Pairs with an empty side are dropped. With
-        `bucket_boundaries` (lengths) batches group pairs of similar
-        length, so they carry little padding; `None` pads to each batch's
-        longest pair instead. Shuffling is seeded.
+        `bucket_boundaries` (lengths, each a positive integer) batches
+        group pairs of similar length, so they carry little padding, and
+        every batch of a bucket is padded to the bucket's upper bound
+        (`max_length` for the last one), both sides alike: a compiled
+        training step sees one shape per bucket, not one per batch (JAX
+        compiles again for every new shape). `None` (or no boundaries)
+        pads to each batch's longest pair instead. Shuffling is seeded.
 
         Args:
             pairs: a list of `(source, target)` strings, or a
@@ -295,6 +300,7 @@ class TranslationPreprocessor(tf.Module):
         after `keras.utils.set_random_seed` (which clears TensorFlow's
         resources) make it again.
         """
+        boundaries = self._bucket_limits(bucket_boundaries)
         self.revive_tokenizers()
         if isinstance(pairs, (list, tuple)):
             sources = [p[0] for p in pairs]
@@ -324,8 +330,7 @@ class TranslationPreprocessor(tf.Module):
                 10_000, seed=seed, reshuffle_each_iteration=True
             )
         shapes, padding = ([None], [None], [None]), (PAD_ID, PAD_ID, PAD_ID)
-        if bucket_boundaries:
-            boundaries = [b for b in bucket_boundaries if b <= self.max_length]
+        if boundaries:
             data = data.bucket_by_sequence_length(
                 lambda src, dec_in, dec_out: tf.maximum(
                     tf.size(src), tf.size(dec_in)
@@ -334,6 +339,7 @@ class TranslationPreprocessor(tf.Module):
                 bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
                 padded_shapes=shapes,
                 padding_values=padding,
+                pad_to_bucket_boundary=True,
                 drop_remainder=drop_remainder,
             )
         else:
@@ -348,6 +354,28 @@ class TranslationPreprocessor(tf.Module):
             count = int(data.reduce(0, lambda n, _: n + 1))
             data = data.apply(tf.data.experimental.assert_cardinality(count))
         return data.prefetch(tf.data.AUTOTUNE)
+
+    def _bucket_limits(self, bucket_boundaries):
+        """`tf.data`'s boundaries for `bucket_boundaries`: those within
+        `max_length`, sorted, and one past `max_length` so that the last
+        bucket pads to it (no sequence is longer). Pairs fall in `[lower,
+        upper)` and pad to `upper - 1`."""
+        if bucket_boundaries is None:
+            return None
+        if isinstance(bucket_boundaries, (str, bytes)) or not hasattr(
+            bucket_boundaries, "__iter__"
+        ):
+            raise ValueError(
+                "Received an invalid value for `bucket_boundaries`, expected "
+                "a sequence of positive integers or None. Received: "
+                f"bucket_boundaries={bucket_boundaries!r}"
+            )
+        for boundary in bucket_boundaries:
+            check_positive_int("bucket_boundaries", boundary)
+        if not len(bucket_boundaries):
+            return None
+        kept = {int(b) for b in bucket_boundaries if b <= self.max_length}
+        return sorted(kept | {self.max_length + 1})
 
 
 def _holds(path, data):

@@ -133,6 +133,26 @@ def test_bucketing_reduces_padding(real_pairs, preprocessor):
     assert bucketed_fraction < plain_fraction / 2
 
 
+def test_bucketed_batches_have_one_shape_per_bucket(real_pairs, preprocessor):
+    # Padded to each batch's longest pair, the batches had almost as many
+    # shapes as batches, and JAX compiled its training step for each.
+    dataset = preprocessor.dataset(
+        real_pairs[:1000], batch_size=16, bucket_boundaries=(12, 8, 24, 500)
+    )
+    widths = {
+        (int(source.shape[1]), int(inputs.shape[1]), int(targets.shape[1]))
+        for (source, inputs), targets in dataset
+    }
+    limit = preprocessor.max_length
+    assert widths == {(w, w, w) for w in (7, 11, 23, limit)}
+
+
+@pytest.mark.parametrize("boundaries", [(8, 0), (8, 2.5), "8", 8])
+def test_invalid_bucket_boundaries_are_named(preprocessor, boundaries):
+    with pytest.raises(ValueError, match="bucket_boundaries"):
+        preprocessor.dataset([("a", "b")], bucket_boundaries=boundaries)
+
+
 def test_source_batch_and_target_texts(preprocessor):
     batch = preprocessor.source_batch(["Thank you.", "", "word " * 200])
     assert batch.dtype == np.int32 and batch.shape[1] % 16 == 0

@@ -370,11 +370,13 @@ class TranslationPreprocessor(tf.Module):
                 "a sequence of positive integers or None. Received: "
                 f"bucket_boundaries={bucket_boundaries!r}"
             )
-        for boundary in bucket_boundaries:
-            check_positive_int("bucket_boundaries", boundary)
-        if not len(bucket_boundaries):
+        values = [
+            check_positive_int("bucket_boundaries", b)
+            for b in bucket_boundaries
+        ]
+        if not values:
             return None
-        kept = {int(b) for b in bucket_boundaries if b <= self.max_length}
+        kept = {b for b in values if b <= self.max_length}
         return sorted(kept | {self.max_length + 1})
 
 
